@@ -1,0 +1,1 @@
+"""Physics: linear forward operators (CT with ASTRA, MRI with SigPy) and measurement noise."""
