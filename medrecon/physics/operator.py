@@ -16,21 +16,35 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-OPERATORS: dict[str, Callable[[], LinearOperator]] = {}
+OPERATORS: dict[str, type[LinearOperator]] = {}
 
 
 def register_operator(name: str) -> Callable[[type[LinearOperator]], type[LinearOperator]]:
-    """Class decorator: add the class's ``example()`` factory to :data:`OPERATORS` under ``name``."""
+    """Class decorator: register an operator class under ``name`` (its ``kind``).
+
+    The registry serves two purposes: the shared tests iterate over it (each class's ``example()``), and
+    :func:`operator_from_state` rebuilds an operator from what a measurement store saved.
+    """
 
     def deco(cls: type[LinearOperator]) -> type[LinearOperator]:
         if name in OPERATORS:
             raise ValueError(f"operator {name!r} registered twice")
-        OPERATORS[name] = cls.example
+        cls.kind = name
+        OPERATORS[name] = cls
         return cls
 
     return deco
+
+
+def operator_from_state(kind: str, params: dict, arrays: dict[str, np.ndarray] | None = None,
+                        device: torch.device | str = "cpu") -> LinearOperator:
+    """Rebuild an operator saved with :meth:`LinearOperator.state` (e.g. from a measurement store)."""
+    if kind not in OPERATORS:
+        raise KeyError(f"unknown operator kind {kind!r}; known: {sorted(OPERATORS)}")
+    return OPERATORS[kind].from_state(params, arrays or {}, device=device)
 
 
 class _Apply(torch.autograd.Function):
@@ -69,10 +83,24 @@ class LinearOperator(ABC):
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """A^H y on a detached tensor with trailing dims ``out_shape``."""
 
+    kind: str = ""
+
     @classmethod
+    @abstractmethod
     def example(cls) -> LinearOperator:
-        """A small instance for the registry's shared tests."""
-        raise NotImplementedError(f"{cls.__name__} does not provide a test example")
+        """A small, fast instance for the registry's shared tests (adjointness, parity)."""
+
+    @abstractmethod
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Everything needed to rebuild this operator: JSON-able params and named numpy arrays
+        (masks, coil maps, trajectories). Stored in the measurement zarr so a reconstruction needs
+        nothing else."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, params: dict, arrays: dict[str, np.ndarray],
+                   device: torch.device | str = "cpu") -> LinearOperator:
+        """Inverse of :meth:`state`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A x, differentiable with respect to x (backward = adjoint)."""
