@@ -1,0 +1,1 @@
+"""Reconstruction methods: classical baselines here, diffusion methods in :mod:`medrecon.methods`."""
