@@ -1,0 +1,84 @@
+"""Study configuration: one JSON schema (``schema.yaml`` beside this file) with the defaults.
+
+The Snakefile validates the whole config with ``snakemake.utils.validate`` against the same file; the CLI
+validates what a rule hands it (a subset of top-level sections, as inline JSON or a YAML file) so each step
+is also usable, and checked, without Snakemake. Unknown keys and wrong types are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from medrecon.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
+
+
+def schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _with_defaults(validator_class: type) -> type:
+    """jsonschema validator that also fills ``default`` values (the recipe from the jsonschema docs)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, sch):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, sch)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft7Validator)
+
+
+def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate ``config`` (a copy) against the schema, fill defaults, and return it.
+
+    Raises :class:`ConfigError` naming the offending key path, the problem and the fix.
+    """
+    cfg = copy.deepcopy(config)
+    errors = sorted(_Validator(schema()).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise ConfigError(f"Invalid configuration in {source} at '{where}': {err.message}.",
+                          fix="correct that key (see medrecon/config/schema.yaml for allowed keys, types "
+                              "and defaults).")
+    return cfg
+
+
+def load(spec: str | Path | None) -> dict[str, Any]:
+    """Load a config from a YAML/JSON file path or an inline JSON object string; validate; fill defaults."""
+    if spec is None:
+        return validate({}, "defaults")
+    text = str(spec)
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config is not valid JSON: {err}.", fix="pass a YAML file or a JSON object.") from err
+        source = "inline --config"
+    else:
+        path = Path(text)
+        if not path.exists():
+            raise ConfigError(f"Config file {path} does not exist.", path=path, fix="check the path.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file {path} is not valid YAML: {err}", path=path,
+                              fix="fix the YAML syntax.") from err
+        source = str(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config {source} must be a mapping of keys to values.", fix="see config.yaml.")
+    return validate(data, source)

@@ -1,0 +1,60 @@
+"""Ingest dispatcher: any supported input (DICOM folder/file, NIfTI, medrecon zarr) → medrecon Volume(s).
+
+The format is chosen from the path: ``.nii``/``.nii.gz`` → NIfTI, ``.zarr`` → an existing medrecon volume
+(copied slab by slab, so phantoms and previous outputs can be study inputs), anything else → DICOM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medrecon.errors import InputError
+from medrecon.provenance import provenance
+from medrecon.volume import Volume
+
+
+def input_format(src: str | Path) -> str:
+    """'nifti', 'zarr' or 'dicom' by the path's name."""
+    name = Path(src).name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith(".zarr"):
+        return "zarr"
+    return "dicom"
+
+
+def copy_volume(src: Path, out: Path, meta_extra: dict[str, Any] | None = None) -> list[Path]:
+    """Copy a medrecon volume slab by slab (re-stamping provenance), e.g. a generated phantom."""
+    vol = Volume.open(src)
+    meta = {k: v for k, v in vol.meta.items() if k not in ("format", "geometry", "value_range", "complete")}
+    meta["source_volume"] = {"path": str(src), "provenance": vol.meta.get("provenance")}
+    meta.update(meta_extra or {})
+    with Volume.create(out, vol.shape, vol.geometry, meta, vol.chunk_depth) as w:
+        for (start, _stop, _lo, _hi), data in vol.iter_slabs():
+            w.write_slab(start, data)
+    return [out]
+
+
+def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality: str | None = None,
+           series: str | None = None, timepoint: int | None = None) -> list[Path]:
+    """Ingest ``src`` into ``out`` (one ``.zarr`` store, or a directory of stores) per ``config['ingest']``."""
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise InputError(f"Input {src} does not exist.", fix="check the subject's 'input' path in the config.")
+    opts = config.get("ingest", {})
+    meta_extra = {"provenance": provenance({"ingest": opts}, seeds={})}
+    if modality:
+        meta_extra["modality"] = modality
+    fmt = input_format(src)
+    if fmt == "zarr":
+        return copy_volume(src, out, meta_extra)
+    if fmt == "nifti":
+        from medrecon.io.nifti import ingest_nifti
+
+        return ingest_nifti(src, out, on_4d=opts.get("on_4d", "error"), timepoint=timepoint,
+                            meta_extra=meta_extra)
+    from medrecon.io.dicom import DicomOptions, ingest_dicom
+
+    options = DicomOptions(**{k: v for k, v in opts.items() if k in DicomOptions.__dataclass_fields__})
+    return ingest_dicom(src, out, options, series=series, timepoint=timepoint, meta_extra=meta_extra)
