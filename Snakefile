@@ -1,0 +1,21 @@
+# medrecon: DICOM/NIfTI studies -> zarr volumes -> simulated measurements -> reconstructions -> metrics -> report.
+# Rules are thin: each calls one `medrecon <verb>`; the science lives in the medrecon package.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "medrecon/config/schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

@@ -1,0 +1,154 @@
+"""Measurement store: the data ``y`` plus everything needed to rebuild its forward operator.
+
+Layout (zarr v3 group, written atomically like a Volume)::
+
+    measurement.zarr/
+      zarr.json        attributes {"medrecon": {format, modality, operator: {kind, params}, noise, seeds,
+                                                image_geometry, image_shape, units, provenance, complete}}
+      y/               (z, ...) float32 sinogram (z, views, detectors) or complex64 k-space (z, coils, ky, kx)
+                       / trajectory samples (z, coils, n); chunks of whole slices along z
+      operator/<name>  arrays of the operator's state (masks, coil maps, trajectories, density weights)
+
+A reconstruction needs nothing else: :meth:`Measurement.operator` rebuilds the operator through the
+registry in :mod:`medrecon.physics.operator`. Measured (not simulated) data in these layouts are accepted
+the same way: write them with :func:`write_measurement`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from medrecon.errors import InputError
+from medrecon.physics.operator import LinearOperator, operator_from_state
+from medrecon.provenance import to_jsonable
+from medrecon.volume import Geometry, atomic_group, create_slab_array, default_chunk_depth
+
+FORMAT = "medrecon-measurement/1"
+
+
+@dataclass
+class MeasurementWriter:
+    """Streams ``y`` slab by slab into an atomic group (see :func:`write_measurement` for one-shot use)."""
+
+    group: zarr.Group
+    y: zarr.Array
+
+    def write_slab(self, z0: int, data: np.ndarray) -> None:
+        data = np.asarray(data, dtype=self.y.dtype)
+        if not np.isfinite(data).all():
+            raise InputError(f"NaN/Inf in simulated measurement slices {z0}..{z0 + len(data) - 1}.",
+                             fix="check the input volume for NaN/Inf and the noise settings.")
+        self.y[z0:z0 + data.shape[0]] = data
+
+
+def _save_state(group: zarr.Group, kind: str, params: dict, arrays: dict[str, np.ndarray]) -> None:
+    ops = group.create_group("operator")
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.ndim == 0:
+            raise ValueError(f"operator array {name!r} must have at least one dimension")
+        create_slab_array(ops, name, arr.shape, arr.dtype)[...] = arr
+
+
+@contextlib.contextmanager
+def measurement_writer(path: str | Path, y_shape: tuple[int, ...], y_dtype: Any, operator: LinearOperator,
+                       meta: dict[str, Any]) -> Iterator[MeasurementWriter]:
+    """Write a measurement slab by slab: ``with measurement_writer(...) as w: w.write_slab(z0, data)``.
+
+    The store appears at ``path`` only when the block finishes without an exception.
+    """
+    y_shape = tuple(int(s) for s in y_shape)
+    y_dtype = np.dtype(y_dtype)
+    with atomic_group(path) as group:
+        params, arrays = operator.state()
+        _save_state(group, operator.kind, params, arrays)
+        y = create_slab_array(group, "y", y_shape, y_dtype, default_chunk_depth(y_shape, y_dtype.itemsize))
+        block = dict(meta)
+        block.update({"format": FORMAT, "operator": {"kind": operator.kind, "params": params},
+                      "y_shape": list(y_shape), "y_dtype": str(y_dtype)})
+        group.attrs["medrecon"] = to_jsonable(block)
+        yield MeasurementWriter(group, y)
+        group.attrs["medrecon"] = {**group.attrs["medrecon"], "complete": True}
+
+
+def write_measurement(path: str | Path, y: np.ndarray, operator: LinearOperator, meta: dict[str, Any]) -> None:
+    """Write a whole in-memory measurement (measured data, or small simulations)."""
+    with measurement_writer(path, y.shape, y.dtype, operator, meta) as w:
+        depth = w.y.chunks[0]
+        for z0 in range(0, y.shape[0], depth):
+            w.write_slab(z0, y[z0:z0 + depth])
+
+
+class Measurement:
+    """A finished measurement store."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path, self.group = path, group
+        self.meta: dict[str, Any] = dict(group.attrs["medrecon"])
+        self.y: zarr.Array = group["y"]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Measurement:
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"Measurement store {p} does not exist.", fix="run `medrecon measure` first.")
+        try:
+            group = zarr.open_group(store=str(p), mode="r", zarr_format=3)
+            block = group.attrs.get("medrecon")
+        except Exception as err:  # zarr raises several types for a broken store
+            raise InputError(f"{p} is not a readable zarr v3 store ({err}).",
+                             fix="delete it and re-run `medrecon measure`.") from err
+        if not block or block.get("format") != FORMAT:
+            raise InputError(f"{p} is not a medrecon measurement (no '{FORMAT}' attributes).",
+                             fix="point at a store written by `medrecon measure`.")
+        if not block.get("complete"):
+            raise InputError(f"{p} is incomplete (a job was interrupted while writing it).",
+                             fix="delete it and re-run `medrecon measure`.")
+        return cls(p, group)
+
+    @property
+    def modality(self) -> str:
+        return self.meta["modality"]
+
+    @property
+    def image_geometry(self) -> Geometry:
+        return Geometry.from_dict(self.meta["image_geometry"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["image_shape"])
+
+    def operator_arrays(self) -> dict[str, np.ndarray]:
+        ops = self.group["operator"]
+        return {name: np.asarray(arr[...]) for name, arr in ops.arrays()}
+
+    def operator(self, device: torch.device | str = "cpu") -> LinearOperator:
+        """Rebuild the forward operator saved with the data."""
+        op = self.meta["operator"]
+        _register_all()
+        return operator_from_state(op["kind"], op["params"], self.operator_arrays(), device=device)
+
+    def read(self) -> np.ndarray:
+        return np.asarray(self.y[...])
+
+    def read_slab(self, z0: int, z1: int) -> np.ndarray:
+        return np.asarray(self.y[z0:z1])
+
+    def iter_slabs(self, slab: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        for z0 in range(0, self.y.shape[0], slab):
+            z1 = min(z0 + slab, self.y.shape[0])
+            yield z0, z1, self.read_slab(z0, z1)
+
+
+def _register_all() -> None:
+    """Import the operator modules so their classes are in the registry."""
+    import medrecon.physics.ct
+    import medrecon.physics.mri  # noqa: F401

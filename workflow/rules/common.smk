@@ -1,0 +1,32 @@
+# Helpers shared by the rules: subjects, paths, and the config sections each rule passes to the CLI.
+import json
+from pathlib import Path
+
+STUDY = config["study"]
+RESULTS = Path(config["results"]) / STUDY
+LOGS = Path("logs") / STUDY
+BENCH = Path("benchmarks_runs") / STUDY
+SUBJECTS = {s["id"]: s for s in config["subjects"]}
+if len(SUBJECTS) != len(config["subjects"]):
+    raise ValueError(f"config: subject ids must be unique in study {STUDY!r}")
+
+
+wildcard_constraints:
+    subject="|".join(SUBJECTS) or "NO_SUBJECTS",
+
+
+def subject(wildcards):
+    return SUBJECTS[wildcards.subject]
+
+
+def section_json(*keys):
+    """The config sections a rule needs, as JSON for `medrecon --config` (params: a change reruns the rule)."""
+    return json.dumps({k: config[k] for k in keys}, sort_keys=True)
+
+
+def subjects_with_role(role):
+    return [sid for sid, s in SUBJECTS.items() if s.get("role", "eval") == role]
+
+
+def final_outputs():
+    return [RESULTS / sid / "volume.zarr" for sid in SUBJECTS]
