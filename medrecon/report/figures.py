@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from medrecon.volume import Volume  # noqa: E402
+from medrecon.volume import Volume
 
 PLANES = ("axial", "coronal", "sagittal")
 
