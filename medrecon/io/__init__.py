@@ -1,0 +1,1 @@
+"""Input/output: DICOM and NIfTI ingest, DICOM export, synthetic phantoms."""
