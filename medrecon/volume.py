@@ -229,6 +229,16 @@ class VolumeWriter:
         for start in range(0, self.shape[0], self.chunk_depth):
             self.write_slab(start, data[start:start + self.chunk_depth])
 
+    def child(self, name: str, meta: dict[str, Any] | None = None) -> VolumeWriter:
+        """A volume nested inside this one (e.g. the posterior std next to the mean), committed with it.
+
+        Commit the child before the parent; it lives at ``<parent>/<name>`` once the parent is renamed.
+        """
+        if self._tmp is None:
+            raise RuntimeError("VolumeWriter used outside its context")
+        return VolumeWriter(self._tmp / name, self.shape, self.geometry, dict(meta or {}), self.chunk_depth,
+                            self.allow_nonfinite).open()
+
     def commit(self) -> Volume:
         if not self._written.all():
             missing = np.flatnonzero(~self._written)

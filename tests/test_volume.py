@@ -144,3 +144,16 @@ def test_slab_memory_does_not_grow_with_depth(tmp_path):
 
     small, large = peak(16), peak(128)
     assert large < 1.5 * small + (1 << 20), (small, large)
+
+
+def test_child_volume_lives_inside_parent(tmp_path):
+    mean = np.ones((4, 5, 6), np.float32)
+    with Volume.create(tmp_path / "r.zarr", mean.shape, Geometry(), {"kind": "mean"}) as w:
+        w.write(mean)
+        with w.child("std", {"kind": "std"}) as c:
+            c.write(2 * mean)
+    parent = Volume.open(tmp_path / "r.zarr")
+    child = Volume.open(tmp_path / "r.zarr" / "std")
+    np.testing.assert_array_equal(child.read(), 2 * mean)
+    assert parent.meta["kind"] == "mean" and child.meta["kind"] == "std"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
