@@ -98,7 +98,9 @@ def robust_range(ref: np.ndarray | Volume, p_lo: float = 0.5, p_hi: float = 99.5
     if isinstance(ref, Volume):
         vals = _volume_percentiles(ref, (p_lo, p_hi), slab or ref.chunk_depth)
     else:
-        vals = np.percentile(np.asarray(ref, dtype=np.float64), (p_lo, p_hi))
+        arr = np.asarray(ref, dtype=np.float64)
+        _check_finite(arr, "The reference", "reference array")
+        vals = np.percentile(arr, (p_lo, p_hi))
     lo, hi = float(vals[0]), float(vals[1])
     if not hi > lo:
         raise InputError(f"The reference is constant between its {p_lo} and {p_hi} percentiles ({lo}); "
@@ -410,8 +412,9 @@ def evaluate_arrays(ref: np.ndarray, rec: np.ndarray, window: tuple[float, float
     if ref.shape != rec.shape or ref.ndim != 3:
         raise InputError(f"Reference shape {ref.shape} and reconstruction shape {rec.shape} differ "
                          "(or are not (z, y, x)).", fix="evaluate a reconstruction on the reference's grid.")
-    if _mask_kind(mask) == "given" and np.shape(mask) != ref.shape:
-        raise InputError(f"Mask shape {np.shape(mask)} differs from the volume shape {ref.shape}.",
+    if _mask_kind(mask) == "given" and tuple(getattr(mask, "shape", ())) != ref.shape:
+        raise InputError(f"Mask shape {tuple(getattr(mask, 'shape', ()))} differs from the volume shape "
+                         f"{ref.shape}.", path=getattr(mask, "path", None),
                          fix="pass a mask on the reference's grid.")
     _check_finite(ref, "the reference", "reference array")
     _check_finite(rec, "the reconstruction", "reconstruction array")

@@ -215,6 +215,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         evaluate_arrays(ref, bad, WINDOW)
     with pytest.raises(ConfigError, match="'none' or 'body'"):
         evaluate_arrays(ref, rec, WINDOW, mask="lungs")
+    with pytest.raises(InputError, match=r"Mask shape \(3, 3, 3\) differs"):
+        evaluate_arrays(ref, rec, WINDOW, mask=np.ones((3, 3, 3), bool))
+    with pytest.raises(InputError, match="NaN/Inf"):
+        robust_range(bad)
     with pytest.raises(InputError, match="mask is empty"):
         evaluate_arrays(ref, rec, WINDOW, mask=np.zeros(ref.shape, bool))
     v1 = Volume.from_array(tmp_path / "a.zarr", ref, Geometry())
