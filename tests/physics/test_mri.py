@@ -56,12 +56,13 @@ def test_dot_test_and_state_round_trip(kind):
     torch.testing.assert_close(op2.forward(x), op.forward(x))
 
 
-def test_torch_sense_equals_sigpy_sense():
-    n, c = 32, 6
-    maps = birdcage_coils(c, (n, n))
-    mask = cartesian_mask_1d((n, n), 3.0, acs_lines=6, seed=3)
+@pytest.mark.parametrize("shape", [(32, 32), (31, 27)])  # even: modulation path; odd: fftshift path
+def test_torch_sense_equals_sigpy_sense(shape):
+    c = 6
+    maps = birdcage_coils(c, shape)
+    mask = cartesian_mask_1d(shape, 3.0, acs_lines=6, seed=3)
     op = mri.Sense2D(maps, mask)
-    x = _crandn((n, n), seed=4)
+    x = _crandn(shape, seed=4)
     ref = op.sigpy_linop()
     y = op.forward(x).numpy()
     y_sp = ref(x.numpy())
@@ -99,14 +100,17 @@ def test_fully_sampled_sense_is_isometry_inside_object():
     assert abs(op2.forward(x).norm() / x.norm() - 1) < 1e-5
 
 
-def test_sense3d_matches_sigpy_3d_sense():
-    maps = birdcage_coils(4, (6, 10, 8), coils_per_ring=2)
-    mask = poisson_mask_2d((6, 10), 2.0, acs=2, seed=0)
+@pytest.mark.parametrize("shape", [(6, 10, 8), (5, 10, 7)])
+def test_sense3d_matches_sigpy_3d_sense(shape):
+    maps = birdcage_coils(4, shape, coils_per_ring=2)
+    mask = poisson_mask_2d(shape[:2], 2.0, acs=2, seed=0)
     op = mri.Sense3D(maps, mask)
-    x = _crandn((6, 10, 8), seed=5)
-    ref = sigpy.mri.linop.Sense(maps, weights=np.broadcast_to(mask[..., None], (6, 10, 8)).astype(np.float32))
+    x = _crandn(shape, seed=5)
+    ref = sigpy.mri.linop.Sense(maps, weights=np.broadcast_to(mask[..., None], shape).astype(np.float32))
     y_sp = ref(x.numpy())
     assert np.abs(op.forward(x).numpy() - y_sp).max() < 1e-5 * np.abs(y_sp).max()
+    xa_sp = ref.H(y_sp)
+    assert np.abs(op.adjoint(torch.from_numpy(y_sp)).numpy() - xa_sp).max() < 1e-5 * np.abs(xa_sp).max()
 
 
 def test_autograd_backward_is_adjoint():
@@ -229,15 +233,20 @@ def _map_correlation(est: np.ndarray, true: np.ndarray, inside: np.ndarray) -> f
 
 
 def test_espirit_recovers_birdcage_maps():
-    n = 48
+    n = 32
     maps = birdcage_coils(8, (n, n))
     img = _phantom(n)
     ksp = sigpy.fft(maps * img, axes=(-2, -1))
-    est = espirit_coils(ksp, calib_width=16)
+    est = espirit_coils(ksp, calib_width=12)
     inside = img > 0
     assert est.shape == maps.shape
     assert _map_correlation(est, maps, inside) > 0.9
-    np.testing.assert_allclose((np.abs(est) ** 2).sum(0)[inside], 1, atol=1e-3)
+    # unit RSS where ESPIRiT keeps the maps (eigenvalue > crop), zero elsewhere; kept on ~all of the object
+    rss = (np.abs(est) ** 2).sum(0)
+    kept = rss > 0.5
+    np.testing.assert_allclose(rss[kept], 1, atol=1e-3)
+    assert rss[~kept].max(initial=0) < 1e-6
+    assert kept[inside].mean() > 0.98
 
 
 def test_config_builds_operators_and_simulates():
@@ -272,12 +281,12 @@ def test_config_builds_operators_and_simulates():
 def test_calibrated_operator_estimates_espirit_maps(operator):
     """coil_maps: espirit: maps re-estimated from the simulated data's ACS region (for nufft2d gridded from
     the oversampled centre of the radial data) match the true birdcage maps."""
-    vol = _phantom(48)[None]
-    cfg = {"operator": operator, "coils": 4, "acs_lines": 16, "acceleration": 2, "coil_maps": "espirit"}
-    op = mri.mri_operator_from_config(cfg, (1, 48, 48), seed=0)
+    vol = _phantom(32)[None]
+    cfg = {"operator": operator, "coils": 4, "acs_lines": 12, "acceleration": 2, "coil_maps": "espirit"}
+    op = mri.mri_operator_from_config(cfg, (1, 32, 32), seed=0)
     rec = mri.calibrated_operator(cfg, op, mri.simulate_kspace(vol, op))
     assert rec.kind == op.kind
-    maps = rec.maps_np.reshape(4, 48, 48)
+    maps = rec.maps_np.reshape(4, 32, 32)
     assert _map_correlation(maps, op.maps_np, vol[0] > 0) > 0.9
     assert mri.calibrated_operator({"coil_maps": "birdcage"}, op, None) is op
 
