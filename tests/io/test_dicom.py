@@ -288,6 +288,25 @@ def test_missing_position_names_the_file_and_tag(tmp_path: Path) -> None:
     assert str(files[1]) in str(err.value)
 
 
+@pytest.mark.parametrize(("edit", "expected"), [
+    ({"BitsStored": None}, "lacks the pixel description tag(s) BitsStored"),
+    ({"NumberOfFrames": 2}, "multi-frame (enhanced) image with 2 frames"),
+    ({"PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}, "is a colour image (RGB"),
+])
+def test_unsupported_pixel_headers_name_the_file(tmp_path: Path, edit: dict, expected: str) -> None:
+    files = write_dicom_series(_ct((4, 5, 6)), Geometry(SPACING), tmp_path / "dcm", rescale_slope=0.5)
+    ds = pydicom.dcmread(files[3])
+    for key, value in edit.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(files[3])
+    with pytest.raises(InputError) as err:
+        ingest_dicom(tmp_path / "dcm", tmp_path / "v.zarr")
+    assert expected in str(err.value) and str(files[3]) in str(err.value)
+
+
 def test_different_image_sizes_in_one_series(tmp_path: Path) -> None:
     write_dicom_series(_ct((3, 5, 6)), Geometry(SPACING), tmp_path / "dcm" / "a", rescale_slope=0.5, seed=4)
     write_dicom_series(_ct((3, 7, 6)), Geometry(SPACING, (0, 0, 100)), tmp_path / "dcm" / "b",
@@ -341,10 +360,10 @@ def test_failed_directory_ingest_leaves_no_store(tmp_path: Path) -> None:
     assert _stores(tmp_path / "out") == []  # series 1 was written to staging, then removed
 
 
-def _non_image_dicom(path: Path) -> None:
-    """A valid DICOM file without pixels (a Basic Text SR), as found beside images in real exports."""
+def _non_image_dicom(path: Path, sop_class: str = pydicom.uid.BasicTextSRStorage) -> None:
+    """A valid DICOM file without pixels (e.g. a Basic Text SR), as found beside images in real exports."""
     ds = Dataset()
-    ds.SOPClassUID = pydicom.uid.BasicTextSRStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid(entropy_srcs=["sr"])
     ds.Modality = "SR"
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["sr-series"])
@@ -361,14 +380,16 @@ def test_non_dicom_and_non_image_files_are_skipped_and_reported(tmp_path: Path,
     write_dicom_series(vol, Geometry(SPACING), tmp_path / "dcm", rescale_slope=0.5)
     (tmp_path / "dcm" / "README.txt").write_text("exported by PACS\n")
     _non_image_dicom(tmp_path / "dcm" / "report.dcm")
+    _non_image_dicom(tmp_path / "dcm" / "DICOMDIR", pydicom.uid.MediaStorageDirectoryStorage)
     with caplog.at_level(logging.WARNING, logger="medrecon.io.dicom"):
         v = Volume.open(ingest_dicom(tmp_path / "dcm", tmp_path / "v.zarr")[0])
     np.testing.assert_array_equal(v.read(), vol)
     lines = [r.getMessage() for r in caplog.records if r.name == "medrecon.io.dicom"]
     assert any("README.txt" in m and "not a DICOM file" in m for m in lines)
     assert any("report.dcm" in m and "Basic Text SR Storage" in m for m in lines)
-    assert v.meta["n_skipped_files"] == 2
-    assert {Path(p).name for p, _ in v.meta["skipped_files"]} == {"README.txt", "report.dcm"}
+    assert any("DICOMDIR" in m and "not an image" in m for m in lines)
+    assert v.meta["n_skipped_files"] == 3
+    assert {Path(p).name for p, _ in v.meta["skipped_files"]} == {"README.txt", "report.dcm", "DICOMDIR"}
 
 
 def test_folder_without_dicom_images(tmp_path: Path) -> None:
