@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,11 @@ def git_commit() -> str | None:
 
 def device_description() -> str:
     """'cpu (<machine>)' or the CUDA device name when torch sees one."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
-    except ImportError:
-        pass
+    # Only ask torch if the process already imported it: importing torch costs ~2 s, and a step that
+    # never touched torch (ingest) ran on the CPU.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
     return f"cpu ({platform.machine()})"
 
 

@@ -49,23 +49,30 @@ def _summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def build_report(out: str | Path, *, study: str, config: dict[str, Any], summary_csv: Path,
-                 paired_csv: Path | None, figures: list[tuple[Path, str]], inputs: list[dict[str, Any]]) -> Path:
-    """Write the report; ``figures`` are (png, caption); ``inputs`` describe each subject's source/provenance."""
-    summary = pd.read_csv(summary_csv)
+def build_report(out: str | Path, *, study: str, config: dict[str, Any],
+                 sections: list[tuple[str, Path, Path | None]], figures: list[tuple[Path, str]],
+                 inputs: list[dict[str, Any]]) -> Path:
+    """Write the report.
+
+    ``sections`` are (title, summary_csv, paired_csv or None), e.g. one per modality; ``figures`` are
+    (png, caption); ``inputs`` describe each subject's source and provenance.
+    """
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>medrecon — {html.escape(study)}</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>medrecon study report: {html.escape(study)}</h1>",
              f"<p class=note>Generated {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')} from the "
              "workflow's own outputs. Metrics are computed in the configured intensity window (CT: HU window mapped "
-             "to [0, 1]; MR: robust percentile range), inside the body mask when configured.</p>",
-             "<h2>Results per method (mean ± std over subjects)</h2>", _table(_summary_display(summary))]
-    if paired_csv is not None and Path(paired_csv).exists():
-        paired = pd.read_csv(paired_csv)
-        if not paired.empty:
-            parts += ["<h2>Paired differences against the baseline</h2>",
-                      "<p class=note>Mean of subject-wise differences (method − baseline); paired t-test and "
-                      "Wilcoxon signed-rank p-values (Wilcoxon from 6 subjects on).</p>", _table(paired)]
+             "to [0, 1]; MR: robust percentile range), inside the body mask when configured. runtime_s and "
+             "peak_rss_mb are the reconstruct job's own; data_residual is ||Ax − y|| / ||y||.</p>"]
+    for title, summary_csv, paired_csv in sections:
+        parts += [f"<h2>{html.escape(title)}: results per method (mean ± std over subjects)</h2>",
+                  _table(_summary_display(pd.read_csv(summary_csv)))]
+        if paired_csv is not None and Path(paired_csv).exists():
+            paired = pd.read_csv(paired_csv)
+            if not paired.empty:
+                parts += [f"<h3>{html.escape(title)}: paired differences against the baseline</h3>",
+                          "<p class=note>Mean of subject-wise differences (method − baseline); paired t-test and "
+                          "Wilcoxon signed-rank p-values (Wilcoxon from 6 subjects on).</p>", _table(paired)]
     parts.append("<h2>Figures</h2>")
     parts += [_img(Path(p), cap) for p, cap in figures]
     parts += ["<h2>Inputs and provenance</h2>", "<pre>" + html.escape(json.dumps(inputs, indent=2, default=str))

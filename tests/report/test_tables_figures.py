@@ -73,10 +73,10 @@ def test_montage_panels_and_report(tmp_path):
     line = psnr_along_z({"fbp": [30.0] * 8, "tv": [32.0] * 8}, tmp_path / "z.png")
     tables = write_study_tables(_write_metrics(tmp_path, 3), tmp_path / "tables", baseline="fbp")
     out = build_report(tmp_path / "report.html", study="demo", config={"study": "demo"},
-                       summary_csv=tables["summary_csv"], paired_csv=tables["paired_csv"],
+                       sections=[("CT", tables["summary_csv"], tables["paired_csv"])],
                        figures=[(png, "montage"), (line, "psnr along z")], inputs=[{"subject": "s0"}])
     text = out.read_text()
     assert text.count("data:image/png;base64,") == 2
     # self-contained: no references to external files
     assert not re.search(r'(src|href)="(?!data:)', text)
-    assert "Paired differences" in text and "tv" in text
+    assert "paired differences against the baseline" in text and "tv" in text

@@ -1,0 +1,64 @@
+"""The evaluate step: one JSON of metrics per (subject, method), read back by the study tables.
+
+Image metrics come from :mod:`medrecon.metrics` in the configured window (CT: ``evaluate.ct_window`` HU;
+MR: the reference's robust percentile range), inside the body mask when configured. Runtime, peak memory,
+NFE and the data-consistency residual are read from the reconstruction's own record (they are measured in
+the reconstruct job, where the complex MR image and the device are available). With several posterior
+samples, the coverage of the posterior std is reported next to the accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from medrecon import metrics
+from medrecon.provenance import provenance, to_jsonable
+from medrecon.volume import Volume
+
+
+def window_for(ref: Volume, cfg: dict[str, Any]) -> tuple[float, float]:
+    ev = cfg["evaluate"]
+    if ref.modality == "CT":
+        lo, hi = ev["ct_window"]
+        return float(lo), float(hi)
+    p_lo, p_hi = ev["mr_percentiles"]
+    return metrics.robust_range(ref, p_lo, p_hi)
+
+
+def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dict[str, Any],
+             subject: str, method: str) -> dict[str, Any]:
+    """Compute the metrics of ``recon`` against ``reference`` and write them to the JSON ``out``."""
+    ref, rec = Volume.open(reference), Volume.open(recon)
+    window = window_for(ref, cfg)
+    mask = cfg["evaluate"]["mask"]
+    threshold = metrics.default_body_threshold(ref.modality, window)
+    result = metrics.evaluate_volumes(ref, rec, window, mask=mask, body_threshold=threshold)
+    record = rec.meta.get("record", {})
+    scalars = {k: result[k] for k in metrics.SCALAR_KEYS}
+    for key in ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe", "data_residual"):
+        if record.get(key) is not None:
+            scalars[key] = record[key]
+    std_path = Path(recon) / "std"
+    if std_path.exists():
+        cov = metrics.coverage_volumes(rec, Volume.open(std_path), ref, mask=mask, body_threshold=threshold)
+        scalars.update(cov)
+        n = int(record.get("samples", 0)) or None
+        for k in (1, 2):
+            scalars[f"cov{k}_expected"] = metrics.expected_coverage(k, n)
+    doc = {
+        "subject": subject, "method": method, "modality": ref.modality, "window": list(window),
+        "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()},
+        "per_slice": {"psnr": result["psnr_per_slice"], "ssim": result["ssim_per_slice"]},
+        "info": result.get("info", {}), "notes": result.get("notes", []),
+        "reference": str(reference), "recon": str(recon),
+        "provenance": provenance({"evaluate": cfg["evaluate"]}),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(to_jsonable(doc), indent=1))
+    tmp.replace(out)
+    return doc

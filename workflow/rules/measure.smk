@@ -1,0 +1,17 @@
+rule measure:
+    """Simulate the measurement (CT sinogram with ASTRA, multi-coil k-space with SigPy) with noise."""
+    input:
+        RESULTS / "{subject}" / "volume.zarr",
+    output:
+        directory(RESULTS / "{subject}" / "measurement.zarr"),
+    params:
+        config=section_json("measure"),
+    log:
+        LOGS / "{subject}" / "measure.log",
+    benchmark:
+        BENCH / "{subject}" / "measure.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "medrecon measure {input:q} {output:q} --config {params.config:q} > {log:q} 2>&1"
