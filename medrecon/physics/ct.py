@@ -22,13 +22,15 @@ Per-slice operators (:class:`ParallelBeamCT` "ct-parallel", :class:`FanBeamCT` "
   Same weights as the matrix, so both paths agree to float rounding.
 * CUDA tensors (only when ``astra.use_cuda()``): parallel beam as one ``parallel3d_vec`` geometry whose
   detector rows are the slices (``astra.experimental.direct_FP3D/BP3D`` on torch memory linked with
-  ``astra.data3d.GPULink``); fan beam per slice with ASTRA's 2D CUDA projector on DLPack-linked slices
-  (a cone geometry cannot keep rays inside their slice). ASTRA's 3D volume indexes ``y`` upwards while its
-  2D images put row 0 at the top, so the 3D vectors are mirrored in ``y`` to give the same sinogram as
-  the 2D CPU path. ASTRA's CUDA projectors interpolate with texture hardware and back-project
-  voxel-driven: they match the CPU operator to about 1e-2 relative, and their BP is only approximately
-  the transpose. ``backend="matrix"`` on CUDA uses the cached CSR on the GPU instead (exact adjoint,
-  same numbers as CPU).
+  ``astra.data3d.GPULink``). Fan beam (``backend="auto"``) uses the cached CSR on the GPU when it fits
+  the budget, else ASTRA's 2D CUDA projector slice by slice on DLPack-linked tensors (a cone geometry
+  cannot keep rays inside their slice). ASTRA's 3D volume indexes ``y`` upwards while its 2D images
+  put row 0 at the top, so the 3D vectors are mirrored in ``y`` to give the 2D CPU path's sinogram.
+  ASTRA's CUDA projectors interpolate with texture hardware and back-project voxel-driven: expect about
+  1e-2 relative difference to the CPU operator, and a BP that is only approximately the transpose.
+  ``backend="matrix"`` on CUDA uses the CSR on the GPU (exact adjoint, the CPU's numbers).
+  (The CUDA code is written from ASTRA's documentation and source; the GPU tests check it where a GPU
+  is present.)
 
 Cone beam (:class:`ConeBeamCT`, "ct-cone") exists only on CUDA: ASTRA has no CPU cone-beam projector and
 its 3D CUDA calls kill the process (SIGFPE) on a machine without a GPU, so the class raises
@@ -642,6 +644,7 @@ class _PerSliceCT(LinearOperator):
     requires_gpu: ClassVar[bool] = False
     per_slice: ClassVar[bool] = True
     gpu_parity_rtol: ClassVar[float] = 2e-2  # ASTRA CUDA (texture interpolation) vs the CPU matrix
+    cuda_prefers_matrix: ClassVar[bool] = False  # backend "auto" on CUDA: CSR on the GPU when it fits
 
     def __init__(
         self,
@@ -768,7 +771,11 @@ class _PerSliceCT(LinearOperator):
             return self._cpu_pid
 
     def _apply_cuda(self, tb: torch.Tensor, forward: bool) -> torch.Tensor:
-        if self.backend == "matrix" or (self.backend == "auto" and not _astra_cuda_usable()):
+        within_budget = self.estimated_matrix_mb <= self.matrix_budget_mb
+        if self.backend == "matrix" or (
+            self.backend == "auto"
+            and (not _astra_cuda_usable() or (self.cuda_prefers_matrix and within_budget))
+        ):
             if self.estimated_matrix_mb > self.matrix_budget_mb:
                 raise DeviceError(
                     "ASTRA cannot use this machine's GPU and the CT system matrix "
@@ -885,6 +892,9 @@ class FanBeamCT(_PerSliceCT):
 
     beam = "fan"
     gpu_parity_rtol = 3e-2  # CPU line kernel (Siddon) vs CUDA ray-driven interpolation
+    # On CUDA, "auto" uses the cached CSR on the GPU when it fits the budget (exact adjoint, CPU numbers);
+    # ASTRA's 2D CUDA projector, one slice per call, only for geometries too big for the matrix.
+    cuda_prefers_matrix = True
 
     def _astra_cuda(self, tb: torch.Tensor, forward: bool) -> torch.Tensor:  # pragma: no cover - GPU only
         """Slice by slice with ASTRA's 2D CUDA fan-beam projector on DLPack-linked CUDA tensors."""
