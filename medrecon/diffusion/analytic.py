@@ -33,7 +33,12 @@ def _softmax_k(logr: torch.Tensor) -> torch.Tensor:
 
 
 def _as64(a: object) -> torch.Tensor:
-    return torch.as_tensor(a, dtype=_F64).clone() if not torch.is_tensor(a) else a.detach().to(_F64).clone()
+    """A float64 copy; complex input is refused rather than silently losing its imaginary part."""
+    t = torch.as_tensor(a).detach()
+    if t.is_complex():
+        raise ValueError("analytic priors are real; for complex data stack [Re A; Im A] and [Re y; Im y] "
+                         "(a real A acting on real/imag channels) before calling posterior()")
+    return t.to(_F64).clone()
 
 
 class GaussianMixturePrior(Denoiser):
@@ -149,9 +154,6 @@ class GaussianMixturePrior(Denoiser):
     # ---- inverse problems -------------------------------------------------------------------------------
     def _posterior_parts(self, a: torch.Tensor, y: torch.Tensor, noise_std: float):
         a, y = _as64(a), _as64(y).reshape(-1)
-        if a.is_complex() or y.is_complex():
-            raise ValueError("posterior() takes a real A; for complex data stack [Re A; Im A] and "
-                             "[Re y; Im y]")
         if a.ndim != 2 or a.shape[1] != self.dim or a.shape[0] != y.shape[0]:
             raise ValueError(f"A must be (m, {self.dim}) and y (m,), got {tuple(a.shape)} and "
                              f"{tuple(y.shape)}")
