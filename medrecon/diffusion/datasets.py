@@ -1,0 +1,276 @@
+"""Training data for diffusion priors: 2D items drawn from medrecon Volumes, normalised and augmented.
+
+Design (so slab and patch datasets can be added on the same machinery):
+
+* :class:`VolumeSlices` owns the training volumes and reads slices from them with bounded memory: when all
+  volumes fit ``cache_bytes`` they are read once (preloaded); otherwise whole chunk-aligned slabs are read
+  lazily and kept in a least-recently-used cache of at most ``cache_bytes``.
+* :class:`TrainingDataset` is the small base class: items are addressed by a *key* ``(index, seed)`` and
+  all augmentation randomness comes from ``numpy.random.default_rng(seed)``. An item is therefore a pure
+  function of its key, which is what makes training bit-for-bit resumable (the trainer derives keys from
+  the step number, see :mod:`medrecon.diffusion.train`) and DataLoader workers deterministic.
+* An item is a dict: ``"x"`` the (C, H, W) float32 image in the network domain, plus optional
+  conditioning passed to the network as keyword arguments (``"class_labels"`` a long scalar, ``"coords"``
+  (K, H, W) coordinate maps) - the same names ``Prior.cond`` uses at sampling time.
+
+:class:`SliceDataset` (kind ``"slice"``) gives single axial slices. Each slice is normalised
+(:mod:`medrecon.diffusion.normalisation`; CT clipped to the window), padded to a square with the
+background value (air) and resized to ``image_size`` (area averaging when shrinking, bilinear when
+enlarging; ``fit="crop"`` centre-crops to a square instead of padding). Resizing works in pixels: the
+in-plane spacing is not resampled to be isotropic. Flips: left-right (``"x"``) by default; up-down
+(``"y"``) is optional because anterior-posterior flips are not anatomically plausible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medrecon.diffusion.normalisation import background, percentile_value, to_network, validate_normalisation
+from medrecon.errors import ConfigError, InputError
+from medrecon.provenance import file_sha256
+from medrecon.volume import Volume
+
+
+def store_sha256(path: str | Path) -> str:
+    """sha256 over a zarr store's files (relative names and bytes, sorted): the data-provenance fingerprint."""
+    import hashlib
+
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(bytes.fromhex(file_sha256(f)))
+    return h.hexdigest()
+
+
+class VolumeSlices:
+    """Slices of several volumes with a memory bound: preload if all fit ``cache_bytes``, else an LRU of slabs."""
+
+    def __init__(self, volumes: Sequence[Volume | str | Path], modality: str, cache_bytes: int = 1 << 30) -> None:
+        self.volumes = [v if isinstance(v, Volume) else Volume.open(v) for v in volumes]
+        if not self.volumes:
+            raise ConfigError("no training volumes given", fix="list at least one volume with role 'train'")
+        for v in self.volumes:
+            if v.modality != modality:
+                raise InputError(f"training volume {v.path} has modality {v.modality!r}, expected {modality!r}",
+                                 path=v.path, fix="train one prior per modality; check the subject's 'modality'")
+        self.modality = modality
+        self.cache_bytes = int(cache_bytes)
+        total = sum(int(np.prod(v.shape)) * 4 for v in self.volumes)
+        self.preloaded = total <= self.cache_bytes
+        self._full = [v.read() for v in self.volumes] if self.preloaded else None
+        self._lru: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lru_bytes = 0
+        self.index = [(vi, z) for vi, v in enumerate(self.volumes) for z in range(v.shape[0])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, vi: int, z: int) -> np.ndarray:
+        """Slice ``z`` of volume ``vi`` (native units, float32, (y, x))."""
+        if self._full is not None:
+            return self._full[vi][z]
+        vol = self.volumes[vi]
+        depth = vol.chunk_depth
+        key = (vi, z // depth)
+        slab = self._lru.get(key)
+        if slab is None:
+            z0 = key[1] * depth
+            slab = vol.read_slab(z0, min(z0 + depth, vol.shape[0]))
+            self._lru[key] = slab
+            self._lru_bytes += slab.nbytes
+            while self._lru_bytes > self.cache_bytes and len(self._lru) > 1:
+                _, old = self._lru.popitem(last=False)
+                self._lru_bytes -= old.nbytes
+        else:
+            self._lru.move_to_end(key)
+        return slab[z - key[1] * depth]
+
+    def strided_samples(self, vi: int) -> list[np.ndarray]:
+        """|x| of volume ``vi`` subsampled with a fixed stride (<= ~4 M voxels), read slab by slab."""
+        v = self.volumes[vi]
+        stride = max(1, math.ceil(int(np.prod(v.shape)) / 4_000_000))
+        return [np.abs(data).reshape(-1)[::stride] for _, data in v.iter_slabs()]
+
+    def percentile_values(self, percentile: float) -> list[float]:
+        """Per-volume robust magnitude scale (MR normalisation with scope 'volume')."""
+        return [percentile_value(self.strided_samples(vi), percentile) for vi in range(len(self.volumes))]
+
+    def provenance(self) -> list[dict[str, Any]]:
+        """Paths, shapes and content hashes of the training volumes (stored in checkpoints)."""
+        return [{"path": str(v.path), "shape": list(v.shape), "sha256": store_sha256(v.path)}
+                for v in self.volumes]
+
+
+def fit_normalisation(norm: dict[str, Any], source: VolumeSlices) -> tuple[dict[str, Any], list[float] | None]:
+    """Fill the data-dependent part of a normalisation (the MR percentile value) from the training volumes.
+
+    Returns the completed dict and, for ``scope="volume"``, the per-volume divisors.
+    """
+    n = validate_normalisation(norm, source.modality)
+    if n["kind"] != "mr_percentile":
+        return n, None
+    if n["scope"] == "volume":
+        values = source.percentile_values(n["percentile"])
+        n["value"] = float(np.median(values))
+        return n, values
+    if n["value"] is None:
+        samples = [part for vi in range(len(source.volumes)) for part in source.strided_samples(vi)]
+        n["value"] = percentile_value(samples, n["percentile"])
+    return n, None
+
+
+def fit_square(img: np.ndarray, size: int, mode: str, pad_value: float) -> np.ndarray:
+    """(H, W) -> (size, size): pad (or centre-crop) to a square, then area-shrink or bilinear-enlarge."""
+    h, w = img.shape
+    if mode == "pad":
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        sq = np.full((side, side), pad_value, dtype=np.float32)
+        sq[top:top + h, left:left + w] = img
+    elif mode == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        sq = np.ascontiguousarray(img[top:top + side, left:left + side], dtype=np.float32)
+    else:
+        raise ConfigError(f"unknown fit mode {mode!r}", fix="use 'pad' or 'crop'")
+    if side == size:
+        return sq
+    t = torch.from_numpy(sq)[None, None]
+    if side > size:
+        t = F.interpolate(t, size=(size, size), mode="area")
+    else:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return t[0, 0].numpy()
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """Base class: items are pure functions of a key ``(index, seed)``; subclasses implement :meth:`sample`."""
+
+    kind: str = "base"
+    channels: int = 1
+    image_size: int = 0
+    num_class_embeds: int | None = None
+    coord_channels: int = 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = key
+        return self.sample(int(index), np.random.default_rng(int(seed)))
+
+    def sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Item ``index`` with augmentation drawn from ``rng``."""
+        raise NotImplementedError
+
+    def provenance(self) -> list[dict[str, Any]]:
+        """What data the items come from (stored with the checkpoint)."""
+        return []
+
+
+def _flip(img: np.ndarray, flips: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    # One draw per configured axis, always made, so the RNG stream does not depend on the outcome.
+    for ax in flips:
+        if rng.random() < 0.5:
+            img = img[..., :, ::-1] if ax == "x" else img[..., ::-1, :]
+    return np.ascontiguousarray(img)
+
+
+class SliceDataset(TrainingDataset):
+    """Single axial slices of training volumes, normalised, fitted to ``image_size`` and flipped at random."""
+
+    kind = "slice"
+
+    def __init__(self, source: VolumeSlices, normalisation: dict[str, Any], image_size: int, channels: int = 1,
+                 fit: str = "pad", flips: Sequence[str] = ("x",), random_phase: bool = False,
+                 volume_values: Sequence[float] | None = None) -> None:
+        self.source = source
+        self.norm = validate_normalisation(normalisation, source.modality)
+        if self.norm["kind"] == "mr_percentile" and self.norm["value"] is None:
+            raise ConfigError("MR normalisation value missing", fix="call fit_normalisation first")
+        if channels not in (1, 2) or (channels == 2 and source.modality != "MR"):
+            raise ConfigError(f"slice priors have 1 channel (or 2 = complex for MR), got {channels} for "
+                              f"{source.modality}", fix="set network.in_channels to 1 (CT) or 1/2 (MR)")
+        if fit not in ("pad", "crop"):
+            raise ConfigError(f"unknown fit {fit!r}", fix="use 'pad' or 'crop'")
+        if not set(flips) <= {"x", "y"}:
+            raise ConfigError(f"flips must be a subset of ['x', 'y'], got {list(flips)}", fix="e.g. ['x']")
+        self.image_size, self.channels, self.fit, self.flips = int(image_size), channels, fit, tuple(flips)
+        self.random_phase = bool(random_phase)
+        self.volume_values = None if volume_values is None else [float(v) for v in volume_values]
+        self._pad = background(self.norm)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def image(self, index: int) -> np.ndarray:
+        """Slice ``index`` normalised (clipped for CT) and fitted to (image_size, image_size), no augmentation."""
+        vi, z = self.source.index[index]
+        value = None if self.volume_values is None else self.volume_values[vi]
+        img = to_network(self.source.read(vi, z), self.norm, clip=True, value=value)
+        return fit_square(np.asarray(img, dtype=np.float32), self.image_size, self.fit, self._pad)
+
+    def sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        img = _flip(self.image(index), self.flips, rng)
+        if self.channels == 2:
+            # MR magnitude volumes as complex images: a constant phase (0, or uniform when random_phase).
+            phase = rng.uniform(0, 2 * np.pi) if self.random_phase else 0.0
+            img = np.stack([img * np.cos(phase), img * np.sin(phase)])
+        else:
+            img = img[None]
+        return {"x": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))}
+
+    def provenance(self) -> list[dict[str, Any]]:
+        return self.source.provenance()
+
+
+class ArrayDataset(TrainingDataset):
+    """Images already in the network domain, (N, C, H, W) float32, with flips: for tests and benchmarks."""
+
+    kind = "slice"
+
+    def __init__(self, images: np.ndarray, flips: Sequence[str] = ("x",),
+                 class_labels: np.ndarray | None = None) -> None:
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        if self.images.ndim != 4 or self.images.shape[2] != self.images.shape[3]:
+            raise ValueError(f"images must be (N, C, S, S), got {self.images.shape}")
+        self.channels, self.image_size = int(self.images.shape[1]), int(self.images.shape[2])
+        self.flips = tuple(flips)
+        self.labels = None if class_labels is None else np.asarray(class_labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        item = {"x": torch.from_numpy(_flip(self.images[index], self.flips, rng))}
+        if self.labels is not None:
+            item["class_labels"] = torch.tensor(self.labels[index])
+        return item
+
+
+def toy_discs(n: int, size: int, seed: int = 0, max_discs: int = 3) -> np.ndarray:
+    """A toy image family in [-1, 1]: 1..max_discs discs of random centre, radius and brightness on -1.
+
+    Small enough to learn in a few hundred steps; used by tests and the training benchmark.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    out = np.full((n, 1, size, size), -1.0, dtype=np.float32)
+    for i in range(n):
+        for _ in range(int(rng.integers(1, max_discs + 1))):
+            cy, cx = rng.uniform(0.2, 0.8, 2) * size
+            r = rng.uniform(0.1, 0.3) * size
+            out[i, 0][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.uniform(0.0, 1.0)
+    return out
+
+
+DATASETS: dict[str, type[TrainingDataset]] = {"slice": SliceDataset}

@@ -1,0 +1,404 @@
+"""Training a diffusion prior: DDPM epsilon prediction (VP schedule) or EDM denoising, resumable bit for bit.
+
+:func:`train_prior` is what ``medrecon train`` calls: volumes in, checkpoint out. :func:`train` is the
+inner loop on any :class:`~medrecon.diffusion.datasets.TrainingDataset` (tests use in-memory toy images).
+
+Losses
+    ``"epsilon"``: ``t ~ U{0..N-1}``, ``x_t = sqrt(ab_t) x0 + sqrt(1-ab_t) n``, loss ``|net(x_t, t) - n|^2``
+    (Ho et al. 2020; what DDS/DPS/DiffusionBlend priors are). ``"edm"``: ``ln sigma ~ N(p_mean, p_std^2)``,
+    loss ``w(sigma) |D(x0 + sigma n, sigma) - x0|^2`` with ``w = (sigma^2 + sd^2) / (sigma sd)^2`` and ``D``
+    the very :class:`~medrecon.diffusion.denoiser.EDMDenoiser` samplers use (Karras et al. 2022; PaDIS).
+Optimisation
+    AdamW, linear warm-up then cosine decay to 0 (``LambdaLR``), gradient-norm clipping, an EMA of the
+    weights (``torch.optim.swa_utils.AveragedModel``; checkpoints serve the EMA by default), bf16 autocast
+    on CUDA only when ``amp`` is set (CPU autocast is slower than float32 for these nets).
+Determinism and resume
+    Network initialisation uses ``seed``. Nothing else draws from a stateful stream: the batch of step
+    ``s`` (an epoch-wise permutation of the items), its augmentation seeds and its noise / timesteps all
+    come from generators seeded by ``(seed, s)`` (``numpy.random.SeedSequence``). Resuming therefore needs
+    only the optimizer, LR-scheduler and EMA state (kept in the resume file, every ``checkpoint_every``
+    steps), and a resumed run ends with the same weights, bit for bit on the same machine and thread count,
+    as an uninterrupted one. The CSV loss log is truncated to the resumed step, so it never has gaps or
+    duplicate steps. The global torch RNG state is saved and restored too, for modules that use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from medrecon.diffusion.checkpoint import load_resume, resume_path, save_checkpoint, save_resume
+from medrecon.diffusion.datasets import DATASETS, SliceDataset, TrainingDataset, VolumeSlices, fit_normalisation
+from medrecon.diffusion.denoiser import EDMDenoiser
+from medrecon.diffusion.networks import build_unet, count_parameters, network_spec_defaults, resolve_unet_spec
+from medrecon.diffusion.normalisation import default_normalisation, validate_normalisation
+from medrecon.diffusion.schedules import EDMSchedule, VPSchedule
+from medrecon.errors import ConfigError, DeviceError, InputError
+from medrecon.provenance import provenance, to_jsonable
+from medrecon.volume import Volume
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "kind": "slice",            # prior kind; datasets exist for: slice
+    "modality": None,           # CT | MR; None = taken from the training volumes
+    "image_size": 64,           # training resolution (square)
+    "network": {},              # overrides of networks.network_spec_defaults(kind)
+    "loss": "epsilon",          # epsilon (DDPM, VP schedule) | edm (Karras preconditioning)
+    "schedule": {},             # VPSchedule or EDMSchedule keyword arguments
+    "sigma_data": 0.5,          # EDM only
+    "batch_size": 8,
+    "steps": 2000,
+    "lr": 2e-4,
+    "weight_decay": 0.0,
+    "ema_decay": 0.999,
+    "warmup_steps": 100,
+    "grad_clip": 1.0,           # max gradient norm; 0 or null = no clipping
+    "checkpoint_every": 250,    # steps between resume-file writes
+    "seed": 0,
+    "normalisation": None,      # None = normalisation.default_normalisation(modality)
+    "device": "auto",           # auto | cpu | cuda
+    "amp": True,                # bf16 autocast, CUDA only
+    "fit": "pad",               # pad | crop: how non-square slices become image_size x image_size
+    "flips": ["x"],             # random flips: subset of [x, y]
+    "random_phase": False,      # MR with 2 channels: random constant phase on magnitude images
+    "cache_mb": 1024,           # memory for training slices (preload if all fit, else LRU of slabs)
+    "num_workers": 0,           # DataLoader workers (0 on CPU)
+}
+# Keys that may change between a run and its resumption without breaking it.
+_RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "device", "num_workers", "cache_mb", "amp")
+LOG_COLUMNS = ("step", "loss", "lr", "seconds")
+
+
+def resolve_train_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults filled in and values checked; unknown keys are a ConfigError (typos must not pass silently)."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {unknown}", fix=f"valid options: {sorted(TRAIN_DEFAULTS)}")
+    c = {**copy.deepcopy(TRAIN_DEFAULTS), **copy.deepcopy(cfg)}
+    checks = [
+        (c["loss"] in ("epsilon", "edm"), "loss must be 'epsilon' or 'edm'"),
+        (int(c["batch_size"]) >= 1, "batch_size must be >= 1"),
+        (int(c["steps"]) >= 1, "steps must be >= 1"),
+        (float(c["lr"]) > 0, "lr must be > 0"),
+        (float(c["weight_decay"]) >= 0, "weight_decay must be >= 0"),
+        (0 <= float(c["ema_decay"]) < 1, "ema_decay must be in [0, 1)"),
+        (int(c["warmup_steps"]) >= 0, "warmup_steps must be >= 0"),
+        (int(c["checkpoint_every"]) >= 1, "checkpoint_every must be >= 1"),
+        (c["device"] in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+        (c["modality"] in (None, "CT", "MR"), "modality must be CT, MR or null"),
+        (int(c["image_size"]) >= 4, "image_size must be >= 4"),
+        (float(c["sigma_data"]) > 0, "sigma_data must be > 0"),
+        (isinstance(c["network"], dict) and isinstance(c["schedule"], dict), "network/schedule must be mappings"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"training config: {msg}", fix="correct it in the config's train section")
+    for k in ("batch_size", "steps", "warmup_steps", "checkpoint_every", "seed", "image_size", "num_workers",
+              "cache_mb"):
+        c[k] = int(c[k])
+    for k in ("lr", "weight_decay", "ema_decay", "sigma_data"):
+        c[k] = float(c[k])
+    c["grad_clip"] = float(c["grad_clip"] or 0.0)
+    c["flips"] = list(c["flips"])
+    return to_jsonable(c)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU; asking for CUDA without one is a DeviceError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("training device 'cuda' requested but torch sees no CUDA GPU",
+                          fix="set train.device to 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def _seed(seed: int, stream: int, n: int) -> int:
+    """Independent 63-bit seeds for (run seed, purpose, counter)."""
+    return int(np.random.SeedSequence([int(seed), stream, int(n)]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Keys ``(index, aug_seed)`` of the batches of steps ``start .. stop-1`` (a DataLoader batch_sampler).
+
+    Items are visited epoch by epoch, each epoch a permutation seeded by ``(seed, epoch)``; position ``p``
+    of that endless stream belongs to step ``p // batch_size``. Any step's batch is a pure function of
+    (seed, step), so a resumed run sees exactly the batches the interrupted one would have.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+        self.n, self.b, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _index(self, p: int) -> int:
+        epoch = p // self.n
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng(_seed(self.seed, 1, epoch)).permutation(self.n))
+        return int(self._perm[1][p % self.n])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.stop):
+            ps = range(step * self.b, (step + 1) * self.b)
+            yield [(self._index(p), _seed(self.seed, 2, p)) for p in ps]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def warmup_cosine(warmup: int, total: int):
+    """LR factor: linear warm-up over ``warmup`` steps, then cosine from 1 to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return factor
+
+
+def diffusion_loss(net: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: dict[str, Any],
+                   schedule: VPSchedule | EDMSchedule, generator: torch.Generator,
+                   alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean training loss of one batch; all randomness from ``generator`` (CPU, so CPU and GPU draw alike)."""
+    x0 = batch["x"]
+    cond = {k: v for k, v in batch.items() if k != "x"}
+    b, dev = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=generator).to(dev)
+    if cfg["loss"] == "epsilon":
+        ab_all = schedule.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
+        t = torch.randint(0, len(ab_all), (b,), generator=generator)
+        ab = ab_all[t].to(device=dev, dtype=x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        pred = net(x_t, t.to(dev), **cond)
+        return torch.mean((pred.float() - noise) ** 2)
+    sd = cfg["sigma_data"]
+    sigma = schedule.training_sigmas(b, generator=generator).to(dev)
+    d = EDMDenoiser(net, sigma_data=sd).denoise(x0 + sigma.to(x0.dtype).reshape(-1, 1, 1, 1) * noise, sigma, cond)
+    w = ((sigma**2 + sd**2) / (sigma * sd) ** 2).to(torch.float32).reshape(-1, 1, 1, 1)
+    return torch.mean(w * (d.float() - x0) ** 2)
+
+
+class LossLog:
+    """CSV loss log (step, loss, lr, seconds); on resume it is cut back to the resumed step."""
+
+    def __init__(self, path: Path, start_step: int) -> None:
+        self.path = path
+        rows: list[list[str]] = []
+        if start_step > 0 and path.is_file():
+            with open(path, newline="") as f:
+                r = csv.reader(f)
+                next(r, None)
+                rows = [row for row in r if row and int(row[0]) <= start_step]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(LOG_COLUMNS)
+            w.writerows(rows)
+        os.replace(tmp, path)
+        self.previous = [float(row[1]) for row in rows]
+        self._f = open(path, "a", newline="")  # kept open for the whole run
+        self._w = csv.writer(self._f)
+
+    def write(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        self._w.writerow([step, repr(loss), repr(lr), f"{seconds:.3f}"])
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def loss_log_path(checkpoint: str | Path) -> Path:
+    """The CSV loss log written next to a checkpoint."""
+    p = Path(checkpoint)
+    return p.with_name(p.name + ".loss.csv")
+
+
+def read_loss_log(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a loss log as dicts (step as int)."""
+    with open(path, newline="") as f:
+        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"]),
+                 "seconds": float(r["seconds"])} for r in csv.DictReader(f)]
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train` did."""
+
+    checkpoint: Path | None     # None when stopped early (stop_at), as after a kill
+    step: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)   # every step's loss, from step 1 (log included)
+    seconds: float = 0.0
+    parameters: int = 0
+
+
+def _schedule(cfg: dict[str, Any]) -> VPSchedule | EDMSchedule:
+    try:
+        return VPSchedule(**cfg["schedule"]) if cfg["loss"] == "epsilon" else EDMSchedule(**cfg["schedule"])
+    except TypeError as err:
+        raise ConfigError(f"bad schedule options {cfg['schedule']} for loss {cfg['loss']!r} ({err})",
+                          fix="VP: beta_start, beta_end, num_train_steps; EDM: sigma_min, sigma_max, rho, "
+                              "p_mean, p_std") from err
+
+
+def network_spec(cfg: dict[str, Any], dataset: TrainingDataset) -> dict[str, Any]:
+    """The resolved UNet spec: kind defaults, then the dataset's shape, then the config's overrides."""
+    spec = network_spec_defaults(cfg["kind"])
+    spec.update(image_size=dataset.image_size, in_channels=dataset.channels, out_channels=dataset.channels,
+                coord_channels=dataset.coord_channels, num_class_embeds=dataset.num_class_embeds)
+    spec.update(cfg["network"])
+    return resolve_unet_spec(spec)
+
+
+def _check_resume(state: dict[str, Any], cfg: dict[str, Any], data: list[dict[str, Any]], path: Path) -> None:
+    old = {k: v for k, v in state["train_config"].items() if k not in _RESUME_MAY_CHANGE}
+    new = {k: v for k, v in cfg.items() if k not in _RESUME_MAY_CHANGE}
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"the training config differs from the interrupted run's in {diff} ({path})",
+                          path=path, fix=f"restore those options, or delete {path} to start over")
+    if [d.get("sha256") for d in state["data"]] != [d.get("sha256") for d in data]:
+        raise InputError(f"the training data changed since the interrupted run ({path})", path=path,
+                         fix=f"train on the same volumes, or delete {path} to start over")
+
+
+def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, modality: str,
+          normalisation: dict[str, Any], resume: bool = True, stop_at: int | None = None,
+          data: list[dict[str, Any]] | None = None) -> TrainResult:
+    """Train on ``dataset`` and write the checkpoint ``out`` (plus ``<out>.resume.pt`` and ``<out>.loss.csv``).
+
+    ``resume``: continue from the resume file when there is one. ``stop_at``: stop after that step without
+    writing the final checkpoint, exactly as if the job had been killed there (tests, time-sliced jobs).
+    """
+    cfg = resolve_train_config(cfg)
+    out = Path(out)
+    rpath, lpath = resume_path(out), loss_log_path(out)
+    device = pick_device(cfg["device"])
+    normalisation = validate_normalisation(normalisation, modality)
+    data = dataset.provenance() if data is None else data
+    schedule = _schedule(cfg)
+    spec = network_spec(cfg, dataset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        net = build_unet(spec)
+    net.to(device).train()
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["warmup_steps"], cfg["steps"]))
+    start, elapsed = 0, 0.0
+    if resume and rpath.is_file():
+        state = load_resume(rpath)
+        _check_resume(state, cfg, data, rpath)
+        net.load_state_dict(state["weights"])
+        ema.load_state_dict(state["ema_state"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        start, elapsed = int(state["step"]), float(state["seconds"])
+    elif rpath.exists():
+        rpath.unlink()
+    stop = cfg["steps"] if stop_at is None else min(int(stop_at), cfg["steps"])
+    log = LossLog(lpath, start)
+    losses = list(log.previous)
+    ab = schedule.alphas_cumprod if isinstance(schedule, VPSchedule) else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["amp"] and device.type == "cuda" \
+        else contextlib.nullcontext()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatchSampler(len(dataset), cfg["batch_size"], cfg["seed"], start, stop),
+        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
+    common = {"kind": cfg["kind"], "modality": modality, "objective": cfg["loss"],
+              "network": {"builder": "unet", "spec": spec}, "schedule": schedule.to_dict(),
+              "normalisation": normalisation, "train_config": cfg, "data": data,
+              "sigma_data": cfg["sigma_data"] if cfg["loss"] == "edm" else None}
+
+    def save_state(step: int) -> None:
+        save_resume(rpath, {**common, "step": step, "seconds": elapsed, "weights": net.state_dict(),
+                            "ema_state": ema.state_dict(), "optimizer": opt.state_dict(),
+                            "lr_scheduler": sched.state_dict(), "rng_torch": torch.get_rng_state()})
+
+    bar = tqdm(total=stop, initial=start, desc=f"train {cfg['kind']} prior", disable=not sys.stderr.isatty())
+    step = start
+    try:
+        for keys_batch in loader:
+            t0 = time.perf_counter()
+            batch = {k: v.to(device, non_blocking=True) for k, v in keys_batch.items()}
+            gen = torch.Generator().manual_seed(_seed(cfg["seed"], 3, step))
+            with amp:
+                loss = diffusion_loss(net, batch, cfg, schedule, gen, ab)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"training loss became {loss.item()} at step {step + 1}",
+                                  fix="lower train.lr or set train.grad_clip (e.g. 1.0)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            ema.update_parameters(net)
+            step += 1
+            elapsed += time.perf_counter() - t0
+            value = float(loss.detach())
+            losses.append(value)
+            log.write(step, value, lr, elapsed)
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{value:.4f}")
+            if step % cfg["checkpoint_every"] == 0 and step < cfg["steps"]:
+                save_state(step)
+    finally:
+        bar.close()
+        log.close()
+    result = TrainResult(None, step, start, losses, elapsed, count_parameters(net))
+    if step < cfg["steps"]:
+        return result
+    if start < step or not rpath.is_file():
+        save_state(step)
+    save_checkpoint(out, **common, step=step, weights=net.state_dict(), ema_weights=ema.module.state_dict(),
+                    provenance=provenance(cfg, seeds={"train": cfg["seed"]}, training_seconds=elapsed,
+                                          parameters=result.parameters))
+    result.checkpoint = out
+    return result
+
+
+def build_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume]
+                  ) -> tuple[TrainingDataset, str, dict[str, Any]]:
+    """The training dataset for ``cfg['kind']`` from volume stores, with its modality and fitted normalisation."""
+    if cfg["kind"] not in DATASETS:
+        raise ConfigError(f"no training dataset for prior kind {cfg['kind']!r} yet",
+                          fix=f"use one of {sorted(DATASETS)}")
+    vols = [v if isinstance(v, Volume) else Volume.open(v) for v in volumes]
+    if not vols:
+        raise ConfigError("no training volumes given", fix="give at least one subject with role 'train'")
+    modality = cfg["modality"] or vols[0].modality
+    if modality not in ("CT", "MR"):
+        raise InputError(f"training volume {vols[0].path} has no CT/MR modality ({modality!r})",
+                         path=vols[0].path, fix="set the subject's modality and re-ingest, or train.modality")
+    source = VolumeSlices(vols, modality, cache_bytes=cfg["cache_mb"] << 20)
+    norm, per_volume = fit_normalisation(cfg["normalisation"] or default_normalisation(modality), source)
+    channels = int(cfg["network"].get("in_channels", 1))
+    ds = SliceDataset(source, norm, cfg["image_size"], channels=channels, fit=cfg["fit"], flips=cfg["flips"],
+                      random_phase=cfg["random_phase"], volume_values=per_volume)
+    return ds, modality, norm
+
+
+def train_prior(cfg: dict[str, Any], volumes: list[Path], out: Path, resume: bool = True) -> Path:
+    """Train the prior ``cfg`` describes on the training ``volumes``; returns the checkpoint path ``out``."""
+    c = resolve_train_config(cfg)
+    dataset, modality, norm = build_dataset(c, volumes)
+    result = train(c, dataset, out, modality=modality, normalisation=norm, resume=resume)
+    return result.checkpoint
