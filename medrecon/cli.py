@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from medrecon import __version__
 from medrecon.errors import MedreconError
@@ -78,9 +79,18 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 @_info_args.run
 def _info(a: argparse.Namespace) -> int:
+    from medrecon.measurement import FORMAT as MEASUREMENT_FORMAT
+    from medrecon.measurement import Measurement
     from medrecon.volume import Volume
 
-    print(json.dumps(Volume.open(a.path).info(), indent=2, default=str))
+    path = Path(a.path)
+    if (path / "zarr.json").exists() and MEASUREMENT_FORMAT in (path / "zarr.json").read_text():
+        m = Measurement.open(path)
+        info = {"path": str(path), "y_shape": list(m.y.shape), "y_dtype": str(m.y.dtype),
+                "operator_arrays": {k: list(v.shape) for k, v in m.group["operator"].arrays()}, **m.meta}
+    else:
+        info = Volume.open(path).info()
+    print(json.dumps(info, indent=2, default=str))
     return 0
 
 

@@ -1,5 +1,6 @@
 # Helpers shared by the rules: subjects, paths, and the config sections each rule passes to the CLI.
 import json
+import re
 from pathlib import Path
 
 STUDY = config["study"]
@@ -11,8 +12,12 @@ if len(SUBJECTS) != len(config["subjects"]):
     raise ValueError(f"config: subject ids must be unique in study {STUDY!r}")
 
 
+METHODS = sorted({m for ms in config["reconstruct"]["methods"].values() for m in ms})
+
+
 wildcard_constraints:
-    subject="|".join(SUBJECTS) or "NO_SUBJECTS",
+    subject="|".join(map(re.escape, SUBJECTS)) or "NO_SUBJECTS",
+    method="|".join(map(re.escape, METHODS)) or "NO_METHODS",
 
 
 def subject(wildcards):
@@ -28,5 +33,13 @@ def subjects_with_role(role):
     return [sid for sid, s in SUBJECTS.items() if s.get("role", "eval") == role]
 
 
+def methods_for(sid):
+    return config["reconstruct"]["methods"][SUBJECTS[sid]["modality"]]
+
+
+def all_metrics():
+    return [RESULTS / sid / "metrics" / f"{m}.json" for sid in subjects_with_role("eval") for m in methods_for(sid)]
+
+
 def final_outputs():
-    return [RESULTS / sid / "volume.zarr" for sid in SUBJECTS]
+    return [RESULTS / "report.html"]

@@ -1,0 +1,19 @@
+rule evaluate:
+    """PSNR/SSIM (3D and per plane), NRMSE, slice consistency, data residual, runtime/memory, coverage → JSON."""
+    input:
+        reference=RESULTS / "{subject}" / "volume.zarr",
+        recon=RESULTS / "{subject}" / "recon" / "{method}.zarr",
+    output:
+        RESULTS / "{subject}" / "metrics" / "{method}.json",
+    params:
+        config=section_json("evaluate"),
+    log:
+        LOGS / "{subject}" / "evaluate_{method}.log",
+    benchmark:
+        BENCH / "{subject}" / "evaluate_{method}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+    shell:
+        "medrecon evaluate {input.reference:q} {input.recon:q} {output:q} --subject {wildcards.subject} "
+        "--method {wildcards.method} --config {params.config:q} > {log:q} 2>&1"
