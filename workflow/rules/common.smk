@@ -5,8 +5,8 @@ from pathlib import Path
 
 STUDY = config["study"]
 RESULTS = Path(config["results"]) / STUDY
-LOGS = Path("logs") / STUDY
-BENCH = Path("benchmarks_runs") / STUDY
+LOGS = RESULTS / "logs"
+BENCH = RESULTS / "benchmarks"
 SUBJECTS = {s["id"]: s for s in config["subjects"]}
 if len(SUBJECTS) != len(config["subjects"]):
     raise ValueError(f"config: subject ids must be unique in study {STUDY!r}")
