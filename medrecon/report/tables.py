@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-# Metrics where smaller is better; every other metric is "higher is better" (PSNR, SSIM, coverage...).
-LOWER_IS_BETTER = ("nrmse", "mae", "residual", "runtime", "memory", "rss", "consistency", "nfe")
+# Cost columns are summarised but not tested pairwise: a p-value on runtime says nothing about quality.
+COST_METRICS = ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe")
 
 
 def load_metrics(paths: list[str | Path]) -> pd.DataFrame:
@@ -55,7 +55,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def paired(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Per method ≠ baseline and metric: mean paired difference, its std, t-test and Wilcoxon p-values."""
-    cols = metric_columns(df)
+    cols = [c for c in metric_columns(df) if c not in COST_METRICS and not c.endswith("_expected")]
     base = df[df.method == baseline].set_index("subject")
     rows = []
     for method in df.method.unique():
@@ -118,8 +118,8 @@ def write_study_tables(metric_files: list[str | Path], out_dir: str | Path, base
     summ.to_csv(out / "summary.csv", index=False)
     text = markdown_summary(summ)
     written = {"long": out / "metrics_long.csv", "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"}
-    if baseline and baseline in set(df.method):
-        pr = paired(df, baseline)
+    pr = paired(df, baseline) if baseline and baseline in set(df.method) else pd.DataFrame()
+    if not pr.empty:
         pr.to_csv(out / "paired.csv", index=False)
         (out / "paired.md").write_text(markdown_paired(pr))
         written.update(paired_csv=out / "paired.csv", paired_md=out / "paired.md")

@@ -80,3 +80,9 @@ def test_montage_panels_and_report(tmp_path):
     # self-contained: no references to external files
     assert not re.search(r'(src|href)="(?!data:)', text)
     assert "paired differences against the baseline" in text and "tv" in text
+
+
+def test_single_method_has_no_paired_table(tmp_path):
+    files = [f for f in _write_metrics(tmp_path, 2) if f.name.endswith("_fbp.json")]
+    written = write_study_tables(files, tmp_path / "t", baseline="fbp")
+    assert "paired_csv" not in written and "| fbp | 2 |" in written["summary_md"].read_text()

@@ -1,0 +1,207 @@
+"""PaDIS: Patch Diffusion Inverse Solver (Hu, Song, Xu, Shen, Fessler, NeurIPS 2024), and a 3D variant.
+
+Follows ``jasonhu4/PaDIS@1970ef2``, ``inverse_nodist.py:dps`` (what its ``main`` calls; ``algorithms.md``
+section 5.3). The prior is a patch denoiser with coordinate channels, made into a whole-image denoiser D by
+:class:`medrecon.diffusion.patches.PatchDenoiser` (random non-overlapping grid over the zero-padded image,
+padding ring forced to the background). The state x is the *padded* image in the prior domain. On an EDM
+grid sigma_i = (s_max^(1/rho) + i/(S-1) (s_min^(1/rho) - s_max^(1/rho)))^rho (rho = 7), for each level,
+``inner`` times (reference: S = 100, inner = 10, s_max = 10, s_min = 0.003, zeta = 0.3):
+
+1. D = D(x, sigma_i) with a new random grid (autograd through the network); score s = (D - x) / sigma_i^2;
+2. DPS step on the non-squared residual: x <- x - zeta grad_x || y - A(crop(D)) ||;
+3. Langevin step with the score of step 1: x <- x + (alpha/2) s + sqrt(alpha) z, alpha = langevin *
+   sigma_i^2 (reference: 0.5); no noise at the last level.
+
+Initialisation: the problem's ``init`` (e.g. FBP) if given, else the adjoint A^H y scaled by the least-squares
+factor <A A^H y, y> / ||A A^H y||^2; mapped to the prior domain, clamped to the training range (CT window;
+reference: FBP clamped to [0, 1]) and padded. All slices of a volume (and all samples of a pass) are one
+network batch (chunked by ``max_batch`` patches). Complex MR images are 2 channels (real, imag).
+
+``padis3d`` (beyond the paper): the same sampler with d x P x P slab patches and 3 coordinate channels
+(z, y, x) through a 2D network that takes the d slices as channels (see :mod:`medrecon.diffusion.patches`),
+so the prior couples neighbouring slices; the volume is padded in z too.
+
+Departures, on purpose:
+* Exact operators (ASTRA/SigPy), so zeta does not transfer from the reference's ODL geometry; re-tune it.
+* The residual norm is per operator application (per slice for per-slice operators), as in
+  :mod:`medrecon.methods.dps`, so the step does not depend on the number of slices.
+* Coordinates are normalised by the same padded size in training and inference (the checkpoint's pad).
+* ``patch_size: null`` picks a trained-range size that tiles the padded image (:func:`choose_patch_size`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from medrecon.diffusion.denoiser import Prior
+from medrecon.diffusion.patches import PatchDenoiser, axis_tiling, crop_image, pad_image
+from medrecon.diffusion.schedules import EDMSchedule
+from medrecon.errors import ConfigError, InputError
+from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.recon.registry import ReconProblem, ReconResult, register_method
+
+PADIS_DEFAULTS: dict[str, Any] = {
+    "steps": 100, "inner": 10, "sigma_max": 10.0, "sigma_min": 0.003, "rho": 7.0, "zeta": 0.3,
+    "langevin": 0.5, "patch_size": None, "mode": "stitch", "max_batch": 256, "init_clamp": "auto",
+    "samples": 1, "sample_batch": None, "dtype": "float32",
+}
+
+
+def _geometry(prior: Prior, three_d: bool) -> dict[str, Any]:
+    geom = prior.meta.get("patch")
+    if not isinstance(geom, dict):
+        raise ConfigError("this method needs a patch prior (prior.meta['patch'] with its padding)",
+                          fix="load the prior with medrecon.diffusion.patches.patch_prior_from_checkpoint")
+    if bool(geom.get("depth")) != three_d:
+        want, got = ("padis3d", "2D") if geom.get("depth") else ("padis", "3D")
+        raise ConfigError(f"the prior has {'3D slab' if geom.get('depth') else '2D'} patches; use method {want!r} "
+                          f"(not the {got} one)", fix=f"set the method to {want!r} or use a matching prior")
+    return geom
+
+
+def choose_patch_size(lengths: tuple[int, ...], pads: tuple[int, ...], trained: list[int], multiple: int,
+                      mode: str) -> int:
+    """Patch size for ``patch_size: null``: a multiple of ``multiple`` within the trained sizes that tiles.
+
+    Prefers the largest size whose grid can move by at least min(pad + 1, P // 2) origins on every axis
+    (the reference's 56 for N = 256, pad 24), else the largest admissible size (fixed grid).
+    """
+    ok = []
+    lo = max(multiple, min(trained))
+    for p in range(max(trained) - max(trained) % multiple, lo - 1, -multiple):
+        tiles = [axis_tiling(n, w, p, p if mode == "stitch" else max(1, p // 2))
+                 for n, w in zip(lengths, pads, strict=True)]
+        if all(t is not None for t in tiles):
+            ok.append((p, all(t.n_offsets >= min(t.pad + 1, p // 2) for t in tiles)))
+    if not ok:
+        raise ConfigError(f"no patch size in [{min(trained)}, {max(trained)}] (multiple of {multiple}) tiles images "
+                          f"of {lengths} padded by {pads}",
+                          fix="set params.patch_size explicitly or re-train with a larger pad")
+    moving = [p for p, good in ok if good]
+    return moving[0] if moving else ok[0][0]
+
+
+def _init_clamp(param: Any, prior: Prior) -> tuple[float, float] | None:
+    if param == "auto":
+        norm = prior.meta.get("normalisation") or {}
+        return tuple(norm["range"]) if norm.get("kind") == "ct_window" else None
+    if param is None:
+        return None
+    lo, hi = (float(v) for v in param)
+    return lo, hi
+
+
+def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.Generator | None,
+            three_d: bool, name: str) -> ReconResult:
+    p = check_params(name, params, PADIS_DEFAULTS)
+    if int(p["steps"]) < 1 or int(p["inner"]) < 1 or float(p["langevin"]) < 0 or float(p["zeta"]) < 0:
+        raise ConfigError(f"{name}: steps and inner must be >= 1, langevin and zeta >= 0 (got {p})",
+                          fix="PaDIS uses steps 100, inner 10, langevin 0.5, zeta 0.3")
+    geom = _geometry(prior, three_d)
+    lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]])
+    op, dt = lay.op, lay.dtype
+    shape = lay.image_shape
+    if three_d and len(shape) != 3:
+        raise InputError(f"{name} reconstructs a volume (Z, Y, X); this problem's image is {shape}",
+                         fix="use method 'padis' for single images")
+    pw, depth = int(geom["pad_width"]), geom.get("depth")
+    pads = (int(geom["pad_z"]), pw, pw) if three_d else (pw, pw)
+    lengths = tuple(shape[-3:]) if three_d else tuple(shape[-2:])
+    inplane = (lengths[-2:], pads[-2:])
+    psize = p["patch_size"]
+    if psize is None:
+        psize = choose_patch_size(*inplane, list(geom["patch_sizes"]), int(prior.meta.get("network_multiple", 1)),
+                                  p["mode"])
+    psize = int(psize)
+    mult = int(prior.meta.get("network_multiple", 1))
+    if psize % mult:
+        raise ConfigError(f"{name}: patch_size {psize} is not a multiple of {mult} (the network halves it "
+                          f"{int(math.log2(mult))} times)", fix=f"use a multiple of {mult}")
+    patch_shape = (int(depth), psize, psize) if three_d else (psize, psize)
+    offset_gen = torch.Generator().manual_seed(
+        int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0)
+    den = PatchDenoiser(prior.denoiser, patch_shape, pads, mode=p["mode"], max_batch=int(p["max_batch"]),
+                        pad_value=float(geom["pad_value"]), generator=offset_gen)
+    spatial = tuple(n + 2 * w for n, w in zip(lengths, pads, strict=True))
+    tilings = den.tilings(spatial)   # validates the patch size now, with a clear message
+    sigmas = EDMSchedule(float(p["sigma_min"]), float(p["sigma_max"]), float(p["rho"])).sigmas(
+        int(p["steps"]), append_zero=False)
+    clamp = _init_clamp(p["init_clamp"], prior)
+    zeta, lang = float(p["zeta"]), float(p["langevin"])
+
+    with torch.no_grad():
+        if problem.init is not None:
+            x_init = problem.init.to(op.in_dtype)
+            if tuple(x_init.shape) != tuple(shape):
+                raise InputError(f"{name}: init image has shape {tuple(x_init.shape)}, expected {shape}",
+                                 fix="give an init of the reconstruction's image shape (or none)")
+        else:
+            aty = op.adjoint(lay.y)
+            a_aty = op.forward(aty)
+            c = torch.vdot(a_aty.flatten(), lay.y.flatten()).real / a_aty.abs().pow(2).sum().clamp_min(1e-30)
+            x_init = aty * c
+        z0 = prior.to_prior(x_init, dt)                                   # (*lead, C, Y, X)
+        if clamp is not None:
+            z0 = z0.clamp(*clamp)
+
+    def to_state(z: torch.Tensor, n: int) -> torch.Tensor:
+        """Prior-domain image (n, *lead, C, Y, X) -> padded state."""
+        if three_d:
+            return pad_image(z.movedim(-3, 1), pads, geom["pad_value"])      # (n, C, Z, Y, X) padded
+        return pad_image(z.reshape(-1, *z.shape[-3:]), pads, geom["pad_value"])
+
+    def to_batch(state: torch.Tensor) -> torch.Tensor:
+        """Padded state -> cropped denoiser-layout batch (n * slices, C, Y, X)."""
+        c = crop_image(state, pads)
+        return c.movedim(1, 2).reshape(-1, *c.shape[1:2], *c.shape[-2:]) if three_d else c
+
+    reset_nfe(prior.denoiser)
+    t_start = time.perf_counter()
+    outs, last = [], []
+    for n in sample_chunks(int(p["samples"]), p["sample_batch"]):
+        x = to_state(z0.expand(n, *z0.shape).contiguous(), n)
+        norms = None
+        for i, sigma in enumerate(sigmas.tolist()):
+            alpha = lang * sigma**2
+            for _ in range(int(p["inner"])):
+                x = x.detach().requires_grad_(zeta > 0)
+                d = den(x, sigma)
+                norms = lay.residual_norms(lay.image(to_batch(d), n))
+                if zeta > 0:
+                    (grad,) = torch.autograd.grad(norms.sum(), x)
+                with torch.no_grad():
+                    s = (d - x) / sigma**2
+                    x = x - zeta * grad if zeta > 0 else x
+                    x = x + (alpha / 2) * s
+                    if i < len(sigmas) - 1:
+                        x = x + math.sqrt(alpha) * torch.randn(x.shape, generator=generator,
+                                                               dtype=torch.float64).to(dt)
+        x = x.detach()
+        outs.append(lay.image(to_batch(x), n))
+        last.append(norms.detach().reshape(-1))
+    samples = torch.cat(outs)
+    with torch.no_grad():
+        res = lay.residual_norms(samples).mean()
+    info = {"method": name, "params": {**p, "patch_size": psize}, "time_s": time.perf_counter() - t_start,
+            "final_residual_norm_mean": float(res), "last_denoised_residual_norm_mean": float(torch.cat(last).mean()),
+            "patch_shape": list(patch_shape), "pad": list(pads), "grid_origins": [t.n_offsets for t in tilings],
+            "patch_evaluations": den.nfe}
+    return ReconResult(samples=samples, nfe=den.nfe, info=info)
+
+
+@register_method("padis")
+def padis(problem: ReconProblem, params: dict, prior: Prior, generator: torch.Generator | None = None
+          ) -> ReconResult:
+    """Posterior samples (S, *image_shape) by PaDIS (2D patch prior, slices batched); see module docstring."""
+    return _sample(problem, params, prior, generator, three_d=False, name="padis")
+
+
+@register_method("padis3d")
+def padis3d(problem: ReconProblem, params: dict, prior: Prior, generator: torch.Generator | None = None
+            ) -> ReconResult:
+    """Posterior samples (S, Z, Y, X) by PaDIS with d x P x P slab patches (3D variant)."""
+    return _sample(problem, params, prior, generator, three_d=True, name="padis3d")
