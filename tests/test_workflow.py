@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from medrecon.volume import Volume
@@ -24,7 +23,8 @@ def _snakemake(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Com
 
 
 def test_demo_dry_run():
-    proc = _snakemake(["-n", "--forceall", "--cores", "2", "--directory", str(REPO), "--snakefile", str(REPO / "Snakefile")], REPO)
+    proc = _snakemake(["-n", "--forceall", "--cores", "2", "--directory", str(REPO),
+                       "--snakefile", str(REPO / "Snakefile")], REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     for rule in ("ingest", "measure", "reconstruct", "evaluate", "report"):
