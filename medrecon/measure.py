@@ -67,39 +67,35 @@ def measure_ct(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: t
 
 def measure_mr(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: torch.device) -> Path:
     from medrecon.physics.mri import mri_operator_from_config, simulate_kspace, smooth_phase
-    from medrecon.physics.noise import mri_gaussian_noise
+    from medrecon.physics.noise import mri_gaussian_noise, noise_record
 
     mr = dict(cfg["measure"]["mr"])
     op = mri_operator_from_config(mr, vol.shape, seed=seed, device=device)
     if not _per_slice(op, vol.shape) or mr["coil_maps"] == "espirit":
         # 3D k-space and ESPIRiT calibration need the whole acquisition.
         return _measure_mr_whole(vol, out, cfg, op, seed)
-    # Two passes so the noise level (set by the whole acquisition's signal rms) does not depend on slabs.
-    power, count = 0.0, 0
-    for z0, z1, mag in _slabs(vol, op):
-        k = simulate_kspace(mag, op.slab(z0, z1), smooth_phase(vol.shape, seed, z_range=(z0, z1)))
-        nz = k[k != 0]
-        power += float((nz.abs().double() ** 2).sum())
-        count += int(nz.numel())
-    rms = (power / max(count, 1)) ** 0.5
+    # Two passes so the noise level, set by the whole acquisition's signal rms (physics.noise: SNR =
+    # rms|signal| / sigma over acquired samples), does not depend on how the volume is cut into slabs.
     snr_db = mr.get("snr_db")
-    sigma = None
-    meta = _meta(vol, cfg, seed, {"model": "none"}, units="k-space (orthonormal FFT)",
+    noise: dict[str, Any] = {"model": "none"}
+    if snr_db is not None:
+        power, count = 0.0, 0
+        for z0, z1, mag in _slabs(vol, op):
+            k = simulate_kspace(mag, op.slab(z0, z1), smooth_phase(vol.shape, seed, z_range=(z0, z1)))
+            acquired = k[k != 0]
+            power += float((acquired.abs().double() ** 2).sum())
+            count += int(acquired.numel())
+        snr = 10.0 ** (float(snr_db) / 20.0)
+        sigma = (power / max(count, 1)) ** 0.5 / snr
+        noise = noise_record("mri_gaussian", seed=seed, snr=snr, snr_db=float(snr_db), sigma=sigma,
+                             reference="signal rms", std=sigma)
+    meta = _meta(vol, cfg, seed, noise, units="k-space (orthonormal FFT)",
                  operator_units={"image": "complex image"}, image_units=vol.meta.get("units", "arbitrary"))
-    y_shape = (vol.shape[0], *op.out_shape)
-    with measurement_writer(out, y_shape, np.complex64, op, meta) as w:
+    with measurement_writer(out, (vol.shape[0], *op.out_shape), np.complex64, op, meta) as w:
         for z0, z1, mag in _slabs(vol, op):
             k = simulate_kspace(mag, op.slab(z0, z1), smooth_phase(vol.shape, seed, z_range=(z0, z1)))
             if snr_db is not None:
-                # The SNR definition is rms(|signal|)/sigma over acquired samples of the WHOLE volume:
-                # pass the linear SNR rescaled to this slab's rms, which gives the global sigma exactly.
-                slab_nz = k[k != 0]
-                slab_rms = float((slab_nz.abs().double() ** 2).mean().sqrt())
-                snr_slab = (10 ** (snr_db / 20.0)) * slab_rms / rms
-                k, sigma, rec = mri_gaussian_noise(k, snr=snr_slab, seed=seed, z0=z0, mask=(k != 0))
-                w.group.attrs["medrecon"] = {**w.group.attrs["medrecon"],
-                                             "noise": {**rec, "snr": 10 ** (snr_db / 20.0), "snr_db": snr_db,
-                                                       "sigma": sigma, "std": sigma}}
+                k, _, _ = mri_gaussian_noise(k, sigma=noise["sigma"], seed=seed, z0=z0, mask=(k != 0))
             w.write_slab(z0, k.detach().cpu().numpy())
     return out
 

@@ -5,8 +5,10 @@ Layout (zarr v3 group, written atomically like a Volume)::
     measurement.zarr/
       zarr.json        attributes {"medrecon": {format, modality, operator: {kind, params}, noise, seeds,
                                                 image_geometry, image_shape, units, provenance, complete}}
-      y/               (z, ...) float32 sinogram (z, views, detectors) or complex64 k-space (z, coils, ky, kx)
-                       / trajectory samples (z, coils, n); chunks of whole slices along z
+      y/               the data in the operator's output layout: per-slice operators put slices first —
+                       float32 sinogram (z, views, detectors), complex64 k-space (z, coils, ky, kx) or
+                       trajectory samples (z, coils, n); 3D operators their own shape (cone beam
+                       (rows, views, columns) as ASTRA, 3D k-space (coils, kz, ky, kx)); chunked along axis 0
       operator/<name>  arrays of the operator's state (masks, coil maps, trajectories, density weights)
 
 A reconstruction needs nothing else: :meth:`Measurement.operator` rebuilds the operator through the

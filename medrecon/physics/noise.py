@@ -173,6 +173,7 @@ def mri_gaussian_noise(
     snr_db: float | None = None,
     *,
     snr: float | None = None,
+    sigma: float | None = None,
     seed: int | None = None,
     generator: np.random.Generator | None = None,
     z0: int = 0,
@@ -185,17 +186,22 @@ def mri_gaussian_noise(
     ``kspace``; nonzero = acquired), the SNR refers to the acquired samples and unacquired samples stay
     zero. The output has the input's type, complex dtype and device.
     """
-    if (snr_db is None) == (snr is None):
+    if sum(v is not None for v in (snr_db, snr, sigma)) != 1:
         raise ConfigError(
-            "Give exactly one of snr_db or snr for MRI noise.", fix="set measure.mr.snr_db, e.g. 30."
+            "Give exactly one of snr_db, snr or sigma for MRI noise.", fix="set measure.mr.snr_db, e.g. 30."
         )
-    if snr is None:
+    if sigma is not None:
+        # A noise level fixed by the caller (e.g. from the whole volume's signal when noising slab by slab).
+        _check_positive(sigma, "MRI noise sigma", "pass a positive sigma")
+        snr = math.inf
+    elif snr is None:
         if not math.isfinite(snr_db):
             raise ConfigError(
                 f"measure.mr.snr_db must be finite, got {snr_db!r}.", fix="use e.g. 30, or null."
             )
         snr = 10.0 ** (snr_db / 20.0)
-    sigma = mri_noise_sigma(kspace, snr, reference, mask)
+    if sigma is None:
+        sigma = mri_noise_sigma(kspace, snr, reference, mask)
     k, ref = _to_numpy(kspace)
     if not np.iscomplexobj(k):
         raise ConfigError(
@@ -212,7 +218,8 @@ def mri_gaussian_noise(
     noisy = (k + noise).astype(k.dtype)
     out = _like(noisy, ref)
     record = noise_record(
-        "mri_gaussian", seed=seed, snr=snr, snr_db=20.0 * math.log10(snr), sigma=sigma, reference=reference
+        "mri_gaussian", seed=seed, snr=snr if math.isfinite(snr) else None,
+        snr_db=20.0 * math.log10(snr) if math.isfinite(snr) else None, sigma=sigma, reference=reference
     )
     return out, sigma, record
 
