@@ -256,8 +256,12 @@ def _schedule(cfg: dict[str, Any]) -> VPSchedule | EDMSchedule:
 
 
 def network_spec(cfg: dict[str, Any], dataset: TrainingDataset) -> dict[str, Any]:
-    """The resolved UNet spec: kind defaults, then the dataset's shape, then the config's overrides."""
-    spec = network_spec_defaults(cfg["kind"])
+    """The resolved UNet spec: kind defaults, then the dataset's shape, then the config's overrides.
+
+    A dataset may name the UNet defaults it wants in ``network_kind`` (the latent prior of ReSample is a
+    "slice" UNet on latents but is stored as kind "latent"); otherwise the prior kind picks them.
+    """
+    spec = network_spec_defaults(getattr(dataset, "network_kind", None) or cfg["kind"])
     spec.update(image_size=dataset.image_size, in_channels=dataset.channels, out_channels=dataset.channels,
                 coord_channels=dataset.coord_channels, num_class_embeds=dataset.num_class_embeds)
     spec.update(cfg["network"])
