@@ -382,6 +382,9 @@ def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, mod
 def build_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume]
                   ) -> tuple[TrainingDataset, str, dict[str, Any]]:
     """The training dataset for ``cfg['kind']`` from volume stores, with its modality and fitted normalisation."""
+    if cfg["kind"] == "slab":  # DiffusionBlend: 3-slice slabs read through a slice dataset
+        from medrecon.diffusion.slab_data import build_slab_dataset
+        return build_slab_dataset(cfg, volumes)
     if cfg["kind"] not in DATASETS:
         raise ConfigError(f"no training dataset for prior kind {cfg['kind']!r} yet",
                           fix=f"use one of {sorted(DATASETS)}")
