@@ -86,7 +86,12 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     if prior_path is not None:
         from medrecon.diffusion.checkpoint import prior_from_checkpoint
 
-        prior = prior_from_checkpoint(prior_path, device=device, expect_modality=meas.modality)
+        # Methods work in the operator's image domain: attenuation (1/mm) for CT, the native image for MR.
+        if meas.modality == "CT":
+            prior = prior_from_checkpoint(prior_path, device=device, expect_modality="CT", image_units="attenuation",
+                                          mu_water=float(meas.meta["operator_units"]["mu_water"]))
+        else:
+            prior = prior_from_checkpoint(prior_path, device=device, expect_modality="MR")
 
     op = meas.operator(device)
     y = torch.from_numpy(meas.read()).to(device)
