@@ -128,7 +128,10 @@ class SlabDataset(TrainingDataset):
 
 def build_slab_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume],
                        stride: int = DEFAULT_STRIDE) -> tuple[SlabDataset, str, dict[str, Any]]:
-    """The slab dataset for a resolved training config (``kind: slab``): slices as the slice prior reads them."""
+    """The slab dataset for a resolved training config (``kind: slab``): slices as the slice prior reads them.
+
+    ``medrecon train`` reaches this through ``train.build_dataset`` (the stride is then the default 3).
+    """
     from medrecon.diffusion.train import build_dataset
 
     net_channels = int(cfg["network"].get("in_channels", SLAB))
@@ -136,19 +139,6 @@ def build_slab_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volum
     slice_cfg = {**cfg, "kind": "slice", "network": {**cfg["network"], "in_channels": per_slice}}
     slices, modality, norm = build_dataset(slice_cfg, volumes)
     return SlabDataset(slices, stride), modality, norm
-
-
-def train_slab_prior(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume], out: str | Path,
-                     resume: bool = True, stride: int = DEFAULT_STRIDE) -> Path:
-    """Train a slab prior (``cfg['kind']`` must be ``"slab"``) and return its checkpoint path."""
-    from medrecon.diffusion.train import resolve_train_config, train
-
-    c = resolve_train_config(cfg)
-    if c["kind"] != "slab":
-        raise ConfigError(f"train_slab_prior needs train.kind 'slab', got {c['kind']!r}",
-                          fix="set train.kind: slab for DiffusionBlend priors")
-    dataset, modality, norm = build_slab_dataset(c, volumes, stride)
-    return train(c, dataset, out, modality=modality, normalisation=norm, resume=resume).checkpoint
 
 
 def slab_prior_from_checkpoint(path: str | Path, device: torch.device | str = "cpu", *,

@@ -34,8 +34,8 @@ from medrecon.diffusion.slab_data import (
     from_slab_channels,
     slab_prior_from_checkpoint,
     to_slab_channels,
-    train_slab_prior,
 )
+from medrecon.diffusion.train import train_prior
 from medrecon.errors import ConfigError, InputError
 from medrecon.io.phantoms import ct_phantom, mr_brain_phantom
 from medrecon.methods.diffusionblend import blend, diffusionblend, diffusionblend_pp, partition
@@ -384,7 +384,7 @@ def test_train_a_slab_prior_and_sample_from_its_checkpoint(tmp_path, ct_problem)
                        if k in ("channels", "attention_levels", "num_head_channels", "norm_num_groups",
                                 "attention_max_resolution")},
            "checkpoint_every": 100, "device": "cpu"}
-    ckpt = train_slab_prior(cfg, vols, tmp_path / "slab.pt", stride=3)
+    ckpt = train_prior(cfg, vols, tmp_path / "slab.pt")             # what `medrecon train` runs
     prior = slab_prior_from_checkpoint(ckpt, image_units="attenuation", mu_water=MU_WATER, expect_modality="CT")
     assert prior.channels == 1 and prior.meta["kind"] == "slab"
     assert prior.denoiser.net.spec["in_channels"] == 3 and prior.denoiser.net.spec["num_class_embeds"] == 2
