@@ -167,7 +167,7 @@ def patch_indices(padded_shape: Sequence[int], patch_shape: Sequence[int],
 def extract_patches(x: torch.Tensor, idx: torch.Tensor, patch_shape: Sequence[int]) -> torch.Tensor:
     """(B, C, *S) -> (B * n_patches, C, *patch_shape): the patches ``idx`` of every batch element."""
     b, c = x.shape[:2]
-    g = x.reshape(b, c, -1)[:, :, idx]                       # (B, C, n, p)
+    g = x.reshape(b, c, -1)[:, :, idx.to(x.device)]          # (B, C, n, p)
     return g.permute(0, 2, 1, 3).reshape(b * idx.shape[0], c, *patch_shape)
 
 

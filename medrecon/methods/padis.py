@@ -179,7 +179,7 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
                     x = x + (alpha / 2) * s
                     if i < len(sigmas) - 1:
                         x = x + math.sqrt(alpha) * torch.randn(x.shape, generator=generator,
-                                                               dtype=torch.float64).to(dt)
+                                                               dtype=torch.float64).to(x.device, dt)
         x = x.detach()
         outs.append(lay.image(to_batch(x), n))
         last.append(norms.detach().reshape(-1))

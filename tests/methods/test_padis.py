@@ -23,6 +23,7 @@ from medrecon.diffusion.patches import (
     patch_indices,
     patch_prior_from_checkpoint,
     ring_mask,
+    slab_coords,
     train_patch_prior,
 )
 from medrecon.errors import ConfigError
@@ -247,6 +248,11 @@ def test_batches_have_one_patch_size_with_multipliers_and_are_pure_functions_of_
     it = ds3.sample(0, np.random.default_rng(0))
     assert it["x"].shape == (3, 4, 4) and it["coords"].shape == (3, 4, 4)
     assert ds3.padded_shape(0) == (8, 14, 14)     # pad_z = depth - 1
+    item3 = ds3.patch_at(0, 0, (1, 2, 3), 4)
+    idx = patch_indices((8, 14, 14), (3, 4, 4), [torch.tensor([1]), torch.tensor([2]), torch.tensor([3])])
+    coords_inf = extract_patches(coordinate_channels((8, 14, 14))[None], idx, (3, 4, 4))
+    assert torch.equal(item3["coords"], slab_coords(coords_inf)[0])
+    assert float(item3["coords"][0, 0, 0]) == pytest.approx((2 / 7 - 0.5) * 2)   # z of the slab centre
     with pytest.raises(ConfigError, match="unknown patch option"):
         PatchDataset.from_arrays([_stack(0)], {"pad": 3})
 
@@ -338,6 +344,22 @@ def test_padis_mri_sense2d_complex_with_analytic_prior_approaches_the_exact_post
     # measured: 0.11 from the posterior mean (adjoint: 0.226; 100 x 10 steps reach 0.078)
     assert _mse(res.samples.mean(0), pm) < 0.6 * _mse(init, pm)
     assert not torch.allclose(res.samples[0], res.samples[1])           # different posterior samples
+
+
+@pytest.mark.gpu
+def test_padis_on_cuda_matches_cpu():
+    n, pad = 12, 3
+    maps, mask = birdcage_coils(4, (n, n)), cartesian_mask_1d((n, n), 2.0, acs_lines=4, seed=0)
+    t = _truth((2, n, n), pad, 2, seed=7)
+    x_true = torch.complex(t[:, 0], t[:, 1]).to(torch.complex64)
+    prior = Prior(denoiser=AnalyticPatchNet(2), channels=2, meta={"patch": _geom(pad, [8], channels=2)})
+    params = {"steps": 5, "inner": 2, "sigma_max": 1.0, "zeta": 1.0, "patch_size": 4, "dtype": "float64"}
+    out = []
+    for dev in ("cpu", "cuda"):
+        op = Sense2D(maps, mask, device=dev)
+        prob = ReconProblem(y=op.forward(x_true.to(dev)), operator=op, modality="MR", image_shape=(2, n, n))
+        out.append(METHODS["padis"](prob, params, prior, torch.Generator().manual_seed(0)).samples.cpu())
+    assert torch.allclose(out[0], out[1], atol=1e-4)
 
 
 def test_padis3d_with_analytic_slab_prior_beats_the_adjoint():
