@@ -17,6 +17,7 @@ validate(config, "medrecon/config/schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/measure.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/reconstruct.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

@@ -122,6 +122,30 @@ def _phantom(a: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- train
+@verb("train", "train a diffusion prior (config train.<name>) on ingested training volumes")
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output checkpoint (.pt); resume state and loss log are written beside it")
+    p.add_argument("volumes", nargs="+", help="training volumes (.zarr)")
+    p.add_argument("--name", required=True, help="prior name: the key under train: in the config")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if a resume file exists")
+    _config_arg(p)
+
+
+@_train_args.run
+def _train(a: argparse.Namespace) -> int:
+    from medrecon import config as cfgmod
+    from medrecon.diffusion.train import train_prior
+    from medrecon.errors import ConfigError
+
+    cfg = cfgmod.load(a.config)
+    if a.name not in cfg.get("train", {}):
+        raise ConfigError(f"No prior named {a.name!r} under 'train' in the config.",
+                          fix=f"add train.{a.name} (known: {sorted(cfg.get('train', {}))}).")
+    print(train_prior(cfg["train"][a.name], [Path(v) for v in a.volumes], Path(a.out), resume=not a.no_resume))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- measure
 @verb("measure", "simulate a CT sinogram (ASTRA) or multi-coil k-space (SigPy) with noise from a volume")
 def _measure_args(p: argparse.ArgumentParser) -> None:

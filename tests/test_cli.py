@@ -43,3 +43,11 @@ def test_bad_config_key_is_named(tmp_path, capsys):
     rc = main(["ingest", str(src), str(tmp_path / "o.zarr"), "--config", '{"ingest": {"on_tlit": "error"}}'])
     assert rc == 2
     assert "on_tlit" in capsys.readouterr().err
+
+
+def test_phantom_input_spec(tmp_path):
+    out = tmp_path / "p.zarr"
+    assert main(["ingest", "phantom:ct_chest?seed=4&shape=6,24,24&spacing=3,5,5", str(out)]) == 0
+    vol = Volume.open(out)
+    assert vol.shape == (6, 24, 24) and vol.geometry.spacing == (3.0, 5.0, 5.0) and vol.modality == "CT"
+    assert main(["ingest", "phantom:ct_chest?sead=4", str(tmp_path / "q.zarr")]) == 2

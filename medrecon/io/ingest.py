@@ -1,7 +1,9 @@
-"""Ingest dispatcher: any supported input (DICOM folder/file, NIfTI, medrecon zarr) → medrecon Volume(s).
+"""Ingest dispatcher: any supported input (DICOM folder/file, NIfTI, medrecon zarr, phantom) → Volume(s).
 
 The format is chosen from the path: ``.nii``/``.nii.gz`` → NIfTI, ``.zarr`` → an existing medrecon volume
-(copied slab by slab, so phantoms and previous outputs can be study inputs), anything else → DICOM.
+(copied slab by slab, so previous outputs can be study inputs), ``phantom:KIND?seed=N&shape=Z,Y,X&
+spacing=DZ,DY,DX`` → a generated phantom (so a synthetic training set is a few lines of config, not
+shipped data), anything else → DICOM.
 """
 
 from __future__ import annotations
@@ -9,13 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medrecon.errors import InputError
+from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import provenance
 from medrecon.volume import Volume
 
+PHANTOM_PREFIX = "phantom:"
+
 
 def input_format(src: str | Path) -> str:
-    """'nifti', 'zarr' or 'dicom' by the path's name."""
+    """'phantom', 'nifti', 'zarr' or 'dicom' by the path's name."""
+    if str(src).startswith(PHANTOM_PREFIX):
+        return "phantom"
     name = Path(src).name.lower()
     if name.endswith((".nii", ".nii.gz")):
         return "nifti"
@@ -36,9 +42,33 @@ def copy_volume(src: Path, out: Path, meta_extra: dict[str, Any] | None = None) 
     return [out]
 
 
+def parse_phantom_spec(spec: str) -> dict[str, Any]:
+    """``phantom:ct_chest?seed=3&shape=24,128,128&spacing=2.5,2.5,2.5`` → keyword arguments."""
+    from urllib.parse import parse_qs
+
+    body = spec[len(PHANTOM_PREFIX):]
+    kind, _, query = body.partition("?")
+    q = {k: v[-1] for k, v in parse_qs(query, strict_parsing=bool(query)).items()}
+    unknown = set(q) - {"seed", "shape", "spacing"}
+    if unknown or not kind:
+        raise ConfigError(f"Bad phantom input {spec!r} (unknown keys {sorted(unknown)}).",
+                          fix="write phantom:KIND?seed=N&shape=Z,Y,X&spacing=DZ,DY,DX")
+    try:
+        return {"kind": kind, "seed": int(q.get("seed", 0)),
+                "shape": tuple(int(v) for v in q.get("shape", "32,128,128").split(",")),
+                "spacing": tuple(float(v) for v in q.get("spacing", "2.0,1.5,1.5").split(","))}
+    except ValueError as err:
+        raise ConfigError(f"Bad phantom input {spec!r}: {err}.",
+                          fix="write phantom:KIND?seed=N&shape=Z,Y,X&spacing=DZ,DY,DX") from err
+
+
 def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality: str | None = None,
            series: str | None = None, timepoint: int | None = None) -> list[Path]:
     """Ingest ``src`` into ``out`` (one ``.zarr`` store, or a directory of stores) per ``config['ingest']``."""
+    if input_format(src) == "phantom":
+        from medrecon.io.phantoms import write_phantom_volume
+
+        return [write_phantom_volume(**parse_phantom_spec(str(src)), out_zarr=out)]
     src, out = Path(src), Path(out)
     if not src.exists():
         raise InputError(f"Input {src} does not exist.", fix="check the subject's 'input' path in the config.")

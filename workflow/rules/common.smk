@@ -18,6 +18,7 @@ METHODS = sorted({m for ms in config["reconstruct"]["methods"].values() for m in
 wildcard_constraints:
     subject="|".join(map(re.escape, SUBJECTS)) or "NO_SUBJECTS",
     method="|".join(map(re.escape, METHODS)) or "NO_METHODS",
+    prior="|".join(map(re.escape, config["train"])) or "NO_PRIORS",
 
 
 def subject(wildcards):

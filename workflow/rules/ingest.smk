@@ -1,10 +1,12 @@
 rule ingest:
     """Read one subject's DICOM series / NIfTI file into a chunked zarr volume with geometry and provenance."""
     input:
-        lambda wc: subject(wc)["input"],
+        # generated phantoms ("phantom:...") have no input file
+        lambda wc: [] if subject(wc)["input"].startswith("phantom:") else subject(wc)["input"],
     output:
         directory(RESULTS / "{subject}" / "volume.zarr"),
     params:
+        src=lambda wc: subject(wc)["input"],
         config=section_json("ingest"),
         modality=lambda wc: f"--modality {subject(wc)['modality']}" if subject(wc).get("modality") else "",
         series=lambda wc: f"--series {subject(wc)['series']}" if subject(wc).get("series") else "",
@@ -17,5 +19,5 @@ rule ingest:
     resources:
         mem_mb=2000,
     shell:
-        "medrecon ingest {input:q} {output:q} --config {params.config:q} {params.modality} {params.series} "
+        "medrecon ingest {params.src:q} {output:q} --config {params.config:q} {params.modality} {params.series} "
         "{params.timepoint} > {log:q} 2>&1"

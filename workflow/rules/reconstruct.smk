@@ -8,7 +8,7 @@ def method_config(wildcards):
 
 
 def prior_input(wildcards):
-    path = config["reconstruct"]["priors"].get(wildcards.method)
+    path = config["reconstruct"]["priors"][SUBJECTS[wildcards.subject]["modality"]].get(wildcards.method)
     return [path] if path else []
 
 
