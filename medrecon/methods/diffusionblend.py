@@ -240,7 +240,8 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
     reset_nfe(den)
     # Partition offsets come from their own stream, seeded once from the sampler's generator, so the
     # partition sequence does not depend on how many samples are drawn per pass.
-    part_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    gen_dev = generator.device if generator is not None else torch.device("cpu")   # CUDA generators draw on CUDA
+    part_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev)))
     parts = [partition(depth, k, kind, part_gen, int(p["stride"]), bool(p["average_overlaps"]))
              for k in range(len(pairs))]
     with torch.no_grad():
@@ -251,7 +252,7 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
     for n in sample_chunks(int(p["samples"]), p["sample_batch"]):
         shape = lay.batch_shape(n)
         state = ZTVState()
-        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=dev, dtype=lay.dtype)
+        x = torch.randn(shape, generator=generator, dtype=torch.float64, device=gen_dev).to(device=dev, dtype=lay.dtype)
         step_rp, step_rd = [], []
         with torch.no_grad():
             for (t, t_next), part in zip(pairs, parts, strict=True):
@@ -271,8 +272,8 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
                                    n_batch=1, aty=aty)
                 step_rd.append(float(lay.residual_norms(xi).mean()))
                 x0 = lay.batch(xi)
-                noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=dev, dtype=lay.dtype) \
-                    if t_next >= 0 else None
+                noise = torch.randn(shape, generator=generator, dtype=torch.float64, device=gen_dev).to(
+                    device=dev, dtype=lay.dtype) if t_next >= 0 else None
                 x = ddim_step(x0, eps, ab, ab_next, float(p["eta"]), noise, "dds")
         outs.append(lay.image(x, n))
         res_prior.append(step_rp)
