@@ -30,8 +30,23 @@ log = logging.getLogger("medrecon.reconstruct")
 # Modules that register methods when imported (one method per file, see design.md).
 _METHOD_MODULES = (
     "medrecon.recon.classical", "medrecon.recon.ct_fbp", "medrecon.recon.mri_classical",
-    "medrecon.methods.dps", "medrecon.methods.dds",
+    "medrecon.methods.dps", "medrecon.methods.dds", "medrecon.methods.diffusionblend", "medrecon.methods.padis",
+    "medrecon.methods.resample",
 )
+
+# Which loader turns a checkpoint into the prior a method expects (default: a whole-slice prior).
+_PRIOR_LOADERS = {
+    "padis": "medrecon.diffusion.patches:patch_prior_from_checkpoint",
+    "padis3d": "medrecon.diffusion.patches:patch_prior_from_checkpoint",
+    "diffusionblend": "medrecon.diffusion.slab_data:slab_prior_from_checkpoint",
+    "diffusionblend++": "medrecon.diffusion.slab_data:slab_prior_from_checkpoint",
+}
+_DEFAULT_PRIOR_LOADER = "medrecon.diffusion.checkpoint:prior_from_checkpoint"
+
+
+def prior_loader(method: str):
+    module, _, name = _PRIOR_LOADERS.get(method, _DEFAULT_PRIOR_LOADER).partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def load_methods() -> dict:
@@ -81,17 +96,17 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     params = dict(rcfg.get("params", {}).get(method, {}))
     device = pick_device(rcfg.get("device", "auto"))
     seed = int(rcfg.get("seed", 0))
-    generator = torch.Generator(device=device).manual_seed(seed)
+    # Sampler noise is drawn on the CPU and moved: the same seed gives the same noise on any device.
+    generator = torch.Generator().manual_seed(seed)
     prior = None
     if prior_path is not None:
-        from medrecon.diffusion.checkpoint import prior_from_checkpoint
-
+        load = prior_loader(method)
         # Methods work in the operator's image domain: attenuation (1/mm) for CT, the native image for MR.
         if meas.modality == "CT":
-            prior = prior_from_checkpoint(prior_path, device=device, expect_modality="CT", image_units="attenuation",
-                                          mu_water=float(meas.meta["operator_units"]["mu_water"]))
+            prior = load(prior_path, device=device, expect_modality="CT", image_units="attenuation",
+                         mu_water=float(meas.meta["operator_units"]["mu_water"]))
         else:
-            prior = prior_from_checkpoint(prior_path, device=device, expect_modality="MR")
+            prior = load(prior_path, device=device, expect_modality="MR")
 
     op = meas.operator(device)
     y = torch.from_numpy(meas.read()).to(device)

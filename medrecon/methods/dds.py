@@ -64,7 +64,7 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
         shape = lay.batch_shape(n)
         cond = prior.batch_cond(n)
         state = ZTVState()
-        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(lay.dtype)
+        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
         with torch.no_grad():
             for t, t_next in pairs:
                 ab, ab_next = sched.alpha_bar(t), sched.alpha_bar(t_next)
@@ -79,7 +79,7 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
                     xi = cg_normal(op, None, xi, int(p["cg_iter"]), float(p["lam"]), float(p["cg_tol"]),
                                    n_batch=n_sys_dims, aty=aty)
                 x0 = lay.batch(xi)
-                noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(lay.dtype) \
+                noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype) \
                     if t_next >= 0 else None
                 x = ddim_step(x0, eps, ab, ab_next, float(p["eta"]), noise, p["eta_convention"])
         outs.append(lay.image(x, n))

@@ -148,7 +148,7 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
     for n in sample_chunks(int(p["samples"]), p["sample_batch"]):
         shape = lay.batch_shape(n)
         cond = prior.batch_cond(n)
-        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(lay.dtype)
+        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
         for t, t_next in pairs:
             ab, ab_next = sched.alpha_bar(t), sched.alpha_bar(t_next)
             sigma = ((1 - ab) / ab).sqrt()
@@ -163,7 +163,7 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
                 alpha = ab / ab_next
                 step = zeta * float((1 - alpha) / alpha.sqrt())
             with torch.no_grad():
-                noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(lay.dtype) \
+                noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype) \
                     if t_next >= 0 else None
                 x = ddpm_step(x, x0.detach(), ab, ab_next, noise) - step * grad
         outs.append(lay.image(x.detach(), n))
