@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -46,8 +47,8 @@ from medrecon.physics.ct import CTGeometry, require_cone_gpu
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
-# Elements of the (slices x views x pixels) gather buffer per chunk of views in the fan back-projection.
-_FAN_CHUNK_ELEMENTS = 1 << 24
+# Nonzeros of the fan back-projection's sparse matrix per chunk of views (~100 MB with int64 indices).
+_FAN_CHUNK_NNZ = 1 << 23
 
 
 def ramp_filter(n_det: int, window: str = "ram-lak", device: torch.device | str = "cpu") -> torch.Tensor:
@@ -57,7 +58,8 @@ def ramp_filter(n_det: int, window: str = "ram-lak", device: torch.device | str 
     of 1 / (detector spacing)^2 x spacing, i.e. the caller divides by the spacing once (see module doc).
     """
     if window not in FILTERS:
-        raise ConfigError(f"unknown FBP filter {window!r}", fix=f"set params.fbp.filter to one of {list(FILTERS)}.")
+        raise ConfigError(f"unknown FBP filter {window!r}",
+                          fix=f"set params.fbp.filter to one of {list(FILTERS)}.")
     p = max(64, 1 << math.ceil(math.log2(2 * n_det)))
     n = np.concatenate([np.arange(0, p // 2 + 1), np.arange(-(p // 2) + 1, 0)])  # circular lags
     h = np.zeros(p)
@@ -88,7 +90,7 @@ def _geometry(op: Any) -> CTGeometry:
     g = getattr(op, "geometry", None)
     if not isinstance(g, CTGeometry):
         raise ConfigError(f"FBP/FDK need a CT operator with a CTGeometry; got {type(op).__name__}",
-                          fix="measure CT data with medrecon measure (ct-parallel, ct-fan or ct-cone operators).")
+                          fix="measure CT data with `medrecon measure` (ct-parallel, ct-fan, ct-cone).")
     return g
 
 
@@ -134,8 +136,8 @@ def fan_projection_coordinates(g: CTGeometry, device: torch.device | str = "cpu"
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every view and pixel: the (fractional) detector bin its central ray hits and U = L / SO.
 
-    Returns ``(bin, U)``, each ``(views, Y*X)`` float32 (bins to ~1e-5). L is the distance from the source to the pixel
-    measured along the central ray, so the pixel's magnification onto the detector is SDD / L.
+    Returns ``(bin, U)``, each ``(views, Y*X)`` float32 (bins to ~1e-5). L is the distance from the source
+    to the pixel measured along the central ray, so the pixel's magnification onto the detector is SDD / L.
     """
     xx, yy = _pixel_coords(g, torch.device(device))
     th = torch.as_tensor(g.angles_array(), dtype=torch.float64, device=device)[:, None]
@@ -164,9 +166,10 @@ def parker_weights(g: CTGeometry) -> torch.Tensor:
     delta = (span - math.pi) / 2
     gmax = float(np.abs(gamma).max())
     if delta < gmax - 1e-6:
+        need, have = math.degrees(math.pi + 2 * gmax), math.degrees(span)
         raise ConfigError(f"short-scan fan FBP needs an arc of at least 180 deg + fan angle "
-                          f"({math.degrees(math.pi + 2 * gmax):.1f} deg); the scan covers {math.degrees(span):.1f} deg",
-                          fix="acquire a longer arc (measure.ct.arc_deg), or use an iterative method (sirt, tv).")
+                          f"({need:.1f} deg); the scan covers {have:.1f} deg",
+                          fix="acquire a longer arc (measure.ct.arc_deg) or use sirt / tv.")
     b, gm = beta[:, None], -gamma[None, :]
     w = np.ones((beta.size, gamma.size))
     rise = b < 2 * (delta - gm)
@@ -191,7 +194,8 @@ def fbp_fan(op: Any, y: torch.Tensor, window: str = "ram-lak", short_scan: str =
     sino = y.reshape(-1, g.n_views, g.detector_count).to(torch.float32)
     so, sdd = g.source_distance, g.source_distance + g.detector_distance
     ds_virtual = g.detector_spacing * so / sdd
-    s = (torch.arange(g.detector_count, dtype=torch.float32, device=dev) - (g.detector_count - 1) / 2) * ds_virtual
+    s = torch.arange(g.detector_count, dtype=torch.float32, device=dev) - (g.detector_count - 1) / 2
+    s = s * ds_virtual
     full = _full_arc(g.angles_array(), 2 * math.pi)
     if short_scan not in ("auto", "never", "parker"):
         raise ConfigError(f"unknown short_scan {short_scan!r}", fix="use auto, never or parker.")
@@ -210,19 +214,33 @@ def fbp_fan(op: Any, y: torch.Tensor, window: str = "ram-lak", short_scan: str =
     nd = g.detector_count
     qp = torch.nn.functional.pad(q, (1, 1))  # a zero bin on each side: rays off the detector add 0
     n_b, n_pix = q.shape[0], bins.shape[1]
-    out = torch.zeros((n_b, n_pix), dtype=torch.float32, device=dev)
-    chunk = max(1, _FAN_CHUNK_ELEMENTS // max(1, n_b * n_pix))
+    out = torch.zeros((n_pix, n_b), dtype=torch.float32, device=dev)
+    chunk = max(1, _FAN_CHUNK_NNZ // (2 * n_pix))
     for v0 in range(0, g.n_views, chunk):
         v1 = min(v0 + chunk, g.n_views)
-        b = (bins[v0:v1] + 1.0).clamp(0.0, nd + 1.0)  # in padded bins; beyond the edges -> the zero bins
-        i0 = torch.floor(b).clamp(max=nd).to(torch.long)
-        w = (1.0 / u_scale[v0:v1].square()).to(torch.float32)  # distance weight 1 / U^2
-        w1 = (b - i0).to(torch.float32) * w  # linear interpolation folded into the weights
-        w0 = w - w1
-        qv = qp[:, v0:v1]
-        idx = i0.expand(n_b, -1, -1)
-        out += (torch.gather(qv, 2, idx) * w0).sum(1) + (torch.gather(qv, 2, idx + 1) * w1).sum(1)
-    return out.reshape(*lead, *g.shape[-2:])
+        out += _fan_backprojector(bins[v0:v1], u_scale[v0:v1], nd) @ qp[:, v0:v1].reshape(n_b, -1).T
+    return out.T.reshape(*lead, *g.shape[-2:])
+
+
+def _fan_backprojector(bins: torch.Tensor, u_scale: torch.Tensor, nd: int) -> torch.Tensor:
+    """Sparse CSR ``(pixels, views * (nd + 2))``: linear interpolation at each pixel's bin times 1 / U^2.
+
+    Built once per chunk of views and applied to all slices in one sparse product (measured 2-10x faster
+    than gathering per slice, and the cost no longer grows with the number of slices).
+    """
+    n_v, n_pix = bins.shape
+    b = (bins + 1.0).clamp(0.0, nd + 1.0)  # padded bins; beyond the edges -> the zero bins
+    i0 = torch.floor(b).clamp(max=nd).to(torch.long)
+    w = (1.0 / u_scale.square()).to(torch.float32)  # distance weight 1 / U^2
+    w1 = (b - i0).to(torch.float32) * w
+    col = (torch.arange(n_v, device=bins.device)[:, None] * (nd + 2) + i0).T  # (pixels, views)
+    cols = torch.stack((col, col + 1), -1).reshape(-1)
+    vals = torch.stack(((w - w1).T, w1.T), -1).reshape(-1)
+    crow = torch.arange(n_pix + 1, device=bins.device) * (2 * n_v)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        return torch.sparse_csr_tensor(crow, cols, vals, size=(n_pix, n_v * (nd + 2)))
 
 
 def fbp(op: Any, y: torch.Tensor, window: str = "ram-lak", short_scan: str = "auto") -> torch.Tensor:
@@ -243,7 +261,8 @@ def fdk(geometry: CTGeometry, y: torch.Tensor | np.ndarray, short_scan: bool = F
     :class:`~medrecon.errors.DeviceError` on a machine whose ASTRA cannot use CUDA, before any 3D call.
     """
     if geometry.beam != "cone":
-        raise ConfigError(f"FDK needs a cone-beam geometry, got {geometry.beam!r}", fix="use the 'fbp' method.")
+        raise ConfigError(f"FDK needs a cone-beam geometry, got {geometry.beam!r}",
+                          fix="use the 'fbp' method.")
     require_cone_gpu()  # ASTRA 3D CUDA calls SIGFPE-kill the process without a usable GPU
     import astra
 
