@@ -102,7 +102,8 @@ def _relative_weight(problem: ReconProblem, params: dict, default: float, method
     if scale == "absolute":
         return lam
     if scale != "relative":
-        raise ConfigError(f"{method}: unknown lam_scale {scale!r}", fix="use lam_scale: relative or absolute.")
+        raise ConfigError(f"{method}: unknown lam_scale {scale!r}",
+                          fix="use lam_scale: relative or absolute.")
     if isinstance(problem.operator, Nufft2D) and not params.get("dcf_weights", True):
         with torch.no_grad():
             ref = problem.operator.adjoint(problem.y.to(torch.complex64))
@@ -134,29 +135,31 @@ def sense_method(problem: ReconProblem, params: dict, prior: Any = None,
     if lam < 0:
         raise ConfigError(f"sense: lam must be >= 0, got {lam}", fix="set params.sense.lam >= 0.")
     n_iter = int(params.get("n_iter", 30))
-    x, sec = _run_per_slice(problem, sigpy.mri.app.SenseRecon, lam, n_iter, bool(params.get("dcf_weights", True)))
+    x, sec = _run_per_slice(problem, sigpy.mri.app.SenseRecon, lam, n_iter,
+                            bool(params.get("dcf_weights", True)))
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
 
 
 @register_method("l1_wavelet", modalities=("MR",))
 def l1_wavelet_method(problem: ReconProblem, params: dict, prior: Any = None,
                       generator: torch.Generator | None = None) -> ReconResult:
-    """L1-wavelet compressed sensing. params: ``lam`` (float, 0.002, relative to max |x_zf|),
+    """L1-wavelet compressed sensing. params: ``lam`` (float, 0.001, relative to max |x_zf|),
     ``lam_scale`` ('relative' | 'absolute'), ``n_iter`` (int, 50 FISTA iterations), ``wavelet`` (str, 'db4'),
     ``dcf_weights`` (bool, True; NUFFT only)."""
-    lam = _relative_weight(problem, params, 0.002, "l1_wavelet")
+    lam = _relative_weight(problem, params, 0.001, "l1_wavelet")
     n_iter = int(params.get("n_iter", 50))
     x, sec = _run_per_slice(problem, sigpy.mri.app.L1WaveletRecon, lam, n_iter,
-                            bool(params.get("dcf_weights", True)), wave_name=str(params.get("wavelet", "db4")))
+                            bool(params.get("dcf_weights", True)),
+                            wave_name=str(params.get("wavelet", "db4")))
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
 
 
 @register_method("mri_tv", modalities=("MR",))
 def mri_tv_method(problem: ReconProblem, params: dict, prior: Any = None,
                   generator: torch.Generator | None = None) -> ReconResult:
-    """TV-regularised SENSE. params: ``lam`` (float, 0.002, relative to max |x_zf|), ``lam_scale``,
+    """TV-regularised SENSE. params: ``lam`` (float, 0.005, relative to max |x_zf|), ``lam_scale``,
     ``n_iter`` (int, 100 PDHG iterations), ``dcf_weights`` (bool, True; NUFFT only)."""
-    lam = _relative_weight(problem, params, 0.002, "mri_tv")
+    lam = _relative_weight(problem, params, 0.005, "mri_tv")
     n_iter = int(params.get("n_iter", 100))
     x, sec = _run_per_slice(problem, sigpy.mri.app.TotalVariationRecon, lam, n_iter,
                             bool(params.get("dcf_weights", True)))
