@@ -42,21 +42,22 @@ _UNET_KEYS = ("image_size", "in_channels", "out_channels", "coord_channels", "ch
               "attention_levels", "attention_max_resolution", "num_head_channels", "norm_num_groups",
               "num_class_embeds", "resblock_updown")
 
-# Demo-sized defaults per prior kind. Widths are small on purpose: the demo trains on CPU (stack.md: a
-# 1.1 M-parameter UNet takes ~0.27 s per 8x1x64x64 step); GPU studies override "channels".
+# Demo-sized defaults per prior kind: 1.1 M parameters at 64x64. Widths are small on purpose: the demo trains
+# on CPU (stack.md: ~0.27 s per 8x1x64x64 step on an idle 2-core machine; widths (32, 64, 128) double the
+# cost for 2.7 M parameters, see benchmarks/train_throughput.py); GPU studies override "channels".
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "slice": {"image_size": 64, "in_channels": 1, "out_channels": 1, "coord_channels": 0,
-              "channels": [32, 64, 128], "num_res_blocks": 1, "attention_levels": "auto",
+              "channels": [32, 64, 64], "num_res_blocks": 1, "attention_levels": "auto",
               "attention_max_resolution": 16, "num_head_channels": 32, "norm_num_groups": 16,
               "num_class_embeds": None, "resblock_updown": False},
     # DiffusionBlend: 3 slices as channels, class label = slice spacing code (1 adjacent, 3 jumping).
     "slab": {"image_size": 64, "in_channels": 3, "out_channels": 3, "coord_channels": 0,
-             "channels": [32, 64, 128], "num_res_blocks": 1, "attention_levels": "auto",
+             "channels": [32, 64, 64], "num_res_blocks": 1, "attention_levels": "auto",
              "attention_max_resolution": 16, "num_head_channels": 32, "norm_num_groups": 16,
              "num_class_embeds": 4, "resblock_updown": False},
     # PaDIS: x/y coordinate channels in [-1, 1]; image_size = the largest training patch.
     "patch": {"image_size": 64, "in_channels": 1, "out_channels": 1, "coord_channels": 2,
-              "channels": [32, 64, 128], "num_res_blocks": 1, "attention_levels": "auto",
+              "channels": [32, 64, 64], "num_res_blocks": 1, "attention_levels": "auto",
               "attention_max_resolution": 16, "num_head_channels": 32, "norm_num_groups": 16,
               "num_class_embeds": None, "resblock_updown": False},
 }

@@ -41,6 +41,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from medrecon.diffusion.checkpoint import KINDS as CHECKPOINT_KINDS
 from medrecon.diffusion.checkpoint import load_resume, resume_path, save_checkpoint, save_resume
 from medrecon.diffusion.datasets import DATASETS, SliceDataset, TrainingDataset, VolumeSlices, fit_normalisation
 from medrecon.diffusion.denoiser import EDMDenoiser
@@ -91,6 +92,7 @@ def resolve_train_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     c = {**copy.deepcopy(TRAIN_DEFAULTS), **copy.deepcopy(cfg)}
     checks = [
         (c["loss"] in ("epsilon", "edm"), "loss must be 'epsilon' or 'edm'"),
+        (c["kind"] in CHECKPOINT_KINDS, f"kind must be one of {list(CHECKPOINT_KINDS)}"),
         (int(c["batch_size"]) >= 1, "batch_size must be >= 1"),
         (int(c["steps"]) >= 1, "steps must be >= 1"),
         (float(c["lr"]) > 0, "lr must be > 0"),
