@@ -407,6 +407,11 @@ def build_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume]
 
 def train_prior(cfg: dict[str, Any], volumes: list[Path], out: Path, resume: bool = True) -> Path:
     """Train the prior ``cfg`` describes on the training ``volumes``; returns the checkpoint path ``out``."""
+    if (cfg or {}).get("kind") == "patch":  # PaDIS: patch geometry options travel beside the train config
+        from medrecon.diffusion.patches import train_patch_prior
+
+        rest = {k: v for k, v in cfg.items() if k != "patch"}
+        return train_patch_prior(rest, volumes, out, patch=cfg.get("patch"), resume=resume)
     c = resolve_train_config(cfg)
     dataset, modality, norm = build_dataset(c, volumes)
     result = train(c, dataset, out, modality=modality, normalisation=norm, resume=resume)
