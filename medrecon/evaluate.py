@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medrecon import metrics
+from medrecon.errors import InputError
 from medrecon.provenance import provenance, to_jsonable
 from medrecon.volume import Volume
 
@@ -32,6 +33,11 @@ def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dic
              subject: str, method: str) -> dict[str, Any]:
     """Compute the metrics of ``recon`` against ``reference`` and write them to the JSON ``out``."""
     ref, rec = Volume.open(reference), Volume.open(recon)
+    if ref.shape != rec.shape or not ref.geometry.isclose(rec.geometry):
+        raise InputError(
+            f"Reconstruction {recon} (shape {rec.shape}, spacing {rec.geometry.spacing}) is not on the grid of its "
+            f"reference {reference} (shape {ref.shape}, spacing {ref.geometry.spacing}).",
+            fix="reconstruct from a measurement of this reference volume (re-run measure and reconstruct).")
     window = window_for(ref, cfg)
     mask = cfg["evaluate"]["mask"]
     threshold = metrics.default_body_threshold(ref.modality, window)
