@@ -1,0 +1,444 @@
+"""Quality benchmark: every reconstruction method on held-out phantoms, priors trained for one fixed budget.
+
+What it measures
+    1. Seeded phantoms (:mod:`medrecon.io.phantoms`): ``--train-volumes`` CT chest volumes for training and
+       ``--eval-volumes`` held-out ones (other seeds = other subjects), 24 x 64 x 64 at 5 mm; MR brain
+       volumes (24 x 64 x 64, 5 x 3.5 x 3.5 mm) for the MR rows.
+    2. Every prior the chosen methods need is trained for the SAME number of optimizer steps
+       (``--budget-steps``, batch 8, seed 0) through the library's own trainers: whole-slice (DDS, DPS),
+       3-slice slab (DiffusionBlend/++), 2D patch (PaDIS), 3D patch (PaDIS-3D), autoencoder + latent UNet
+       (ReSample / Latent-DPS: each of the two networks gets the budget), MR slice prior (MR DDS).
+       ``--small-data`` also trains the slice and the patch prior on ONE volume (rows ``dds[1vol]`` and
+       ``padis[1vol]``: the PaDIS claim that patch priors need less data). Checkpoints are cached in the
+       work dir, keyed by the budget, so re-runs skip training.
+    3. Measurements with :func:`medrecon.measure.measure`: parallel-beam sparse-view CT at ``--views``
+       (Poisson noise, I0 = 1e5 photons per ray), 8-coil Cartesian SENSE MRI at ``--mr-accel`` (SNR 30 dB).
+    4. Each method reconstructs every held-out volume through :func:`medrecon.reconstruct.reconstruct` (the
+       code path ``medrecon reconstruct`` and the workflow run) in a SUBPROCESS per (method, setting), one
+       torch thread, run one after another; :func:`medrecon.evaluate.evaluate` scores each volume.
+
+How to read the table
+    One block per setting; one row per method; medians over the held-out volumes. PSNR (dB) and SSIM are
+    the means over axial / coronal / sagittal slices (CT window [-1000, 1000] HU, body mask). ``SCr`` is
+    the slice-consistency ratio (slice-to-slice jumps of the error divided by those of the reference: lower
+    means fewer inter-slice streaks; 2D-slice priors score high). ``resid`` is the relative data residual
+    ``||A x - y|| / ||y||`` (close to the noise level is consistent; far below it means fitting the noise).
+    ``t/vol`` is the sampler time per volume (s), ``NFE`` network evaluations per volume, ``RSS`` the peak
+    resident memory (MB) of the method's subprocess, i.e. the largest over its volumes (one process per
+    method and setting, so peaks do not leak between methods; import and ASTRA/SigPy set-up are included).
+    Sampler step counts are modest for CPU and are printed under the table and stored in the JSON: this is
+    a small-budget comparison, not a reproduction of the papers' absolute numbers.
+
+Run: ``python benchmarks/quality.py`` (defaults: budget 200 steps, CT 8 and 16 views, MR R = 4 and 8, all
+methods) -> prints the table, writes ``benchmarks/out/quality.json`` (rewritten after every method, so a
+partial run leaves its numbers). ``--methods fbp dds`` restricts the CT rows, ``--mr-methods`` the MR rows,
+``--mr-accel`` with no values skips MR, ``--params '{"dps": {"zeta": 0.5}}'`` overrides sampler parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+SHAPE = (24, 64, 64)
+CT_SPACING = (5.0, 5.0, 5.0)
+MR_SPACING = (5.0, 3.5, 3.5)
+SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
+CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
+              "resample", "latent_dps"]
+MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds"]
+SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
+
+# Which trained prior each method needs, per modality (None: classical, no prior).
+PRIOR_OF = {
+    "CT": {"dds": "slice", "dps": "slice", "diffusionblend": "slab", "diffusionblend++": "slab",
+           "padis": "patch", "padis3d": "patch3d", "resample": "latent", "latent_dps": "latent",
+           "dds[1vol]": "slice_1vol", "padis[1vol]": "patch_1vol"},
+    "MR": {"dds": "mr_slice", "dps": "mr_slice", "padis": "mr_patch"},
+}
+
+# Modest sampler settings for 2 CPU cores (the papers use 50-1000 steps; see each method's docstring).
+SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
+    "dds": {"steps": 50},
+    "dps": {"steps": 150},
+    "diffusionblend": {"steps": 50},
+    "diffusionblend++": {"steps": 50},
+    "padis": {"steps": 30, "inner": 3},
+    "padis3d": {"steps": 30, "inner": 3},
+    "resample": {"steps": 50, "dc_every": 5, "inter_steps": 2, "pixel_iters": 200, "latent_iters": 100,
+                 "stall_window": 50},
+    "latent_dps": {"steps": 50},
+}
+
+# PaDIS patch geometry for 64 x 64 slices: 8 pixels of padding, 16 and 32 pixel patches.
+PATCH_2D = {"pad_width": 8, "patch_sizes": [16, 32], "patch_probs": [0.5, 0.5]}
+PATCH_3D = {**PATCH_2D, "depth": 3}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def study_config(modality: str, setting: float, device: str) -> dict[str, Any]:
+    """The validated medrecon config of one measurement setting (CT views or MR acceleration)."""
+    from medrecon.config import validate
+
+    if modality == "CT":
+        measure = {"seed": 1, "ct": {"beam": "parallel", "views": int(setting), "arc_deg": 180, "I0": 1e5}}
+    else:
+        measure = {"seed": 1, "mr": {"operator": "sense2d", "coils": 8, "acceleration": float(setting),
+                                     "acs_lines": 6, "snr_db": 30.0}}
+    return validate({"measure": measure, "reconstruct": {"seed": 2, "device": device},
+                     "evaluate": {"ct_window": [-1000, 1000], "mask": "body"}}, "benchmarks/quality.py")
+
+
+def setting_name(modality: str, setting: float) -> str:
+    return f"CT {int(setting)} views" if modality == "CT" else f"MR R={setting:g}"
+
+
+# ---------------------------------------------------------------------------------------------- data
+def make_volumes(work: Path, modality: str, n_train: int, n_eval: int) -> dict[str, list[Path]]:
+    """Training and held-out phantom volumes (cached: a volume that exists is not rewritten)."""
+    from medrecon.io.phantoms import write_phantom_volume
+
+    kind, spacing = ("ct_chest", CT_SPACING) if modality == "CT" else ("mr_brain", MR_SPACING)
+    out: dict[str, list[Path]] = {"train": [], "eval": []}
+    for role, n in (("train", n_train), ("eval", n_eval)):
+        for i in range(n):
+            seed = SEEDS[modality][role] + i
+            path = work / "volumes" / f"{kind}_s{seed}.zarr"
+            if not path.exists():
+                write_phantom_volume(kind, path, SHAPE, spacing, seed)
+            out[role].append(path)
+    return out
+
+
+def train_configs(steps: int, device: str) -> dict[str, dict[str, Any]]:
+    """Training config of every prior the benchmark can need; all share the step budget and batch size."""
+    base = {"steps": steps, "batch_size": 8, "lr": 2e-4, "warmup_steps": min(100, max(1, steps // 5)),
+            "checkpoint_every": max(1, min(250, steps // 2)), "seed": 0, "device": device, "image_size": 64}
+    return {
+        "slice": {**base, "kind": "slice", "modality": "CT"},
+        "slab": {**base, "kind": "slab", "modality": "CT"},
+        "patch": {**base, "kind": "patch", "loss": "edm", "modality": "CT", "patch": PATCH_2D},
+        "patch3d": {**base, "kind": "patch", "loss": "edm", "modality": "CT", "patch": PATCH_3D},
+        "autoencoder": {**{k: v for k, v in base.items()}, "kind": "autoencoder", "modality": "CT", "lr": 1e-4},
+        "latent": {**base, "kind": "latent", "modality": "CT"},
+        "mr_slice": {**base, "kind": "slice", "modality": "MR", "network": {"in_channels": 2},
+                     "random_phase": True},
+        "mr_patch": {**base, "kind": "patch", "loss": "edm", "modality": "MR", "network": {"in_channels": 2},
+                     "patch": {**PATCH_2D, "random_phase": True}},
+    }
+
+
+def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: dict[str, dict[str, list[Path]]]
+                 ) -> dict[str, dict[str, Any]]:
+    """Train (or reuse) each needed prior; returns {name: {path, seconds, volumes, config}}."""
+    from medrecon.diffusion.train import train_prior
+
+    cfgs = train_configs(steps, device)
+    done: dict[str, dict[str, Any]] = {}
+    pdir = work / "priors" / f"n{steps}"
+    pdir.mkdir(parents=True, exist_ok=True)
+    for name in sorted(needed):
+        base = name.removesuffix("_1vol")
+        modality = "MR" if base.startswith("mr_") else "CT"
+        train_vols = vols[modality]["train"][:1] if name.endswith("_1vol") else vols[modality]["train"]
+        t0 = time.perf_counter()
+        if base == "latent":
+            from medrecon.diffusion.latent import train_autoencoder_prior, train_latent_prior
+
+            out = pdir / "latent"
+            out.mkdir(exist_ok=True)
+            ae, lat = out / "autoencoder.pt", out / "latent.pt"
+            cached = ae.exists() and lat.exists()
+            if not ae.exists():
+                _log(f"training autoencoder ({steps} steps) on {len(train_vols)} volumes")
+                train_autoencoder_prior(cfgs["autoencoder"], train_vols, ae)
+            if not lat.exists():
+                _log(f"training latent prior ({steps} steps)")
+                train_latent_prior(cfgs["latent"], train_vols, ae, lat)
+            cfg = {"autoencoder": cfgs["autoencoder"], "latent": cfgs["latent"]}
+        else:
+            out = pdir / f"{name}.pt"
+            cached = out.exists()
+            cfg = cfgs[base]
+            if not cached:
+                _log(f"training prior {name} ({steps} steps) on {len(train_vols)} volume(s)")
+                train_prior(copy.deepcopy(cfg), train_vols, out)
+        seconds = time.perf_counter() - t0
+        done[name] = {"path": str(out), "seconds": None if cached else seconds, "cached": cached,
+                      "volumes": [str(v) for v in train_vols], "config": cfg}
+        _log(f"prior {name}: {'cached' if cached else f'{seconds:.0f} s'}")
+    return done
+
+
+def measure_all(work: Path, modality: str, setting: float, evals: list[Path], device: str) -> list[Path]:
+    """One measurement store per held-out volume (cached)."""
+    from medrecon.measure import measure
+
+    cfg = study_config(modality, setting, device)
+    outs = []
+    for vol in evals:
+        out = work / "measurements" / f"{vol.stem}_{_tag(modality, setting)}.zarr"
+        if not out.exists():
+            measure(vol, out, cfg, device="cpu")
+        outs.append(out)
+    return outs
+
+
+def _tag(modality: str, setting: float) -> str:
+    return f"v{int(setting)}" if modality == "CT" else f"R{setting:g}"
+
+
+# ---------------------------------------------------------------------------------------------- reconstruct
+def _latent_loader(path: str | Path, device: Any = "cpu", expect_modality: str | None = None,
+                   image_units: str = "native", mu_water: float | None = None):
+    """A ReSample prior from a folder holding ``autoencoder.pt`` and ``latent.pt`` (reconstruct's loader API)."""
+    from medrecon.diffusion.latent import load_latent_prior
+
+    p = Path(path)
+    return load_latent_prior(p / "autoencoder.pt", p / "latent.pt", device=device, image_units=image_units,
+                             mu_water=mu_water, expect_modality=expect_modality)
+
+
+def worker(job_path: Path) -> None:
+    """Subprocess entry: reconstruct each item of a job file with medrecon.reconstruct.reconstruct."""
+    import shutil
+
+    import torch
+
+    from medrecon import reconstruct as rec
+
+    torch.set_num_threads(1)
+    job = json.loads(job_path.read_text())
+    for m in ("resample", "latent_dps"):
+        # reconstruct has no loader for the two-checkpoint latent prior yet: the benchmark supplies one.
+        rec._PRIOR_LOADERS.setdefault(m, "__main__:_latent_loader")
+    for item in job["items"]:
+        out = Path(item["out"])
+        if out.exists():
+            shutil.rmtree(out)
+        rec.reconstruct(item["measurement"], out, item["method"], job["config"], item["prior"])
+
+
+def run_method(work: Path, row: str, method: str, modality: str, setting: float, meas: list[Path],
+               prior: str | None, params: dict[str, Any], device: str, timeout: float) -> list[dict[str, Any]]:
+    """Reconstruct and evaluate every held-out volume with one method; cached by (params, prior)."""
+    from medrecon.evaluate import evaluate
+
+    cfg = study_config(modality, setting, device)
+    cfg["reconstruct"]["params"] = {method: params}
+    key = _digest({"params": params, "prior": prior, "method": method})
+    rdir = work / "recon" / _tag(modality, setting) / row.replace("[", "_").replace("]", "")
+    docs_path = rdir / f"metrics_{key}.json"
+    if docs_path.exists():
+        return json.loads(docs_path.read_text())
+    rdir.mkdir(parents=True, exist_ok=True)
+    items = [{"measurement": str(m), "out": str(rdir / f"{m.stem}.zarr"), "method": method, "prior": prior}
+             for m in meas]
+    job = rdir / "job.json"
+    job.write_text(json.dumps({"config": cfg, "items": items}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "NUMBA_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(job)], env=env,
+                              capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        rc, err = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, err = "timeout", f"timed out after {timeout:.0f} s\n{exc.stderr or ''}"
+    wall = time.perf_counter() - t0
+    (rdir / "worker.log").write_text(str(err))
+    if rc != 0:
+        tail = str(err).strip().splitlines()[-6:]
+        cmd = f"{sys.executable} benchmarks/quality.py --worker {job}"
+        return [{"error": f"exit {rc}", "stderr_tail": tail, "command": cmd, "wall_s": wall}]
+    docs = []
+    for m, it in zip(meas, items, strict=True):
+        d = evaluate(reference_of(m), it["out"], rdir / f"{m.stem}.json", cfg, m.stem, row)
+        docs.append({"subject": m.stem, "metrics": d["metrics"], "notes": d["notes"]})
+    docs_path.write_text(json.dumps(docs))
+    return docs
+
+
+def reference_of(measurement: Path) -> str:
+    """The reference volume a measurement was simulated from (recorded by measure)."""
+    from medrecon.measurement import Measurement
+
+    return str(Measurement.open(measurement).meta["reference_volume"])
+
+
+# ---------------------------------------------------------------------------------------------- summary
+COLUMNS = [  # (metric key, header, format)
+    ("psnr_axial", "PSNR ax", "{:.2f}"), ("psnr_coronal", "cor", "{:.2f}"), ("psnr_sagittal", "sag", "{:.2f}"),
+    ("ssim_axial", "SSIM ax", "{:.3f}"), ("ssim_coronal", "cor", "{:.3f}"), ("ssim_sagittal", "sag", "{:.3f}"),
+    ("slice_consistency_ratio", "SCr", "{:.3f}"), ("data_residual", "resid", "{:.4f}"),
+    ("runtime_s", "t/vol s", "{:.1f}"), ("nfe", "NFE", "{:.0f}"), ("peak_rss_mb", "RSS MB", "{:.0f}"),
+]
+SUMMARY_KEYS = [c[0] for c in COLUMNS] + ["psnr", "ssim", "slice_consistency", "nrmse"]
+
+
+def summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over volumes (peak RSS: the maximum, it is one process); errors passed through."""
+    if docs and "error" in docs[0]:
+        return {"error": docs[0]["error"], "stderr_tail": docs[0]["stderr_tail"], "command": docs[0]["command"]}
+    out: dict[str, Any] = {"volumes": len(docs)}
+    for k in SUMMARY_KEYS:
+        vals = [d["metrics"][k] for d in docs if d["metrics"].get(k) is not None]
+        if vals:
+            out[k] = max(vals) if k == "peak_rss_mb" else statistics.median(vals)
+    return out
+
+
+def table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The printed table: one block per setting, one row per method."""
+    lines = []
+    width = max([len(r) for s in summary.values() for r in s] + [8])
+    head = f"{'method':<{width}} " + " ".join(f"{h:>8}" for _, h, _ in COLUMNS)
+    for setting, rows in summary.items():
+        lines += ["", f"== {setting} (medians over held-out volumes)", head]
+        for row, vals in rows.items():
+            if "error" in vals:
+                lines.append(f"{row:<{width}} FAILED: {vals['error']}: {(vals['stderr_tail'] or [''])[-1][:150]}")
+                continue
+            cells = [fmt.format(vals[k]) if vals.get(k) is not None else "-" for k, _, fmt in COLUMNS]
+            lines.append(f"{row:<{width}} " + " ".join(f"{c:>8}" for c in cells))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-steps", type=int, default=200, help="optimizer steps per network (default 200)")
+    p.add_argument("--views", type=int, nargs="*", default=[8, 16], help="CT view counts (e.g. 8 16 20)")
+    p.add_argument("--mr-accel", type=float, nargs="*", default=[4.0, 8.0], help="MR accelerations; none = no MR")
+    p.add_argument("--methods", nargs="*", default=CT_METHODS, help="CT methods")
+    p.add_argument("--mr-methods", nargs="*", default=MR_METHODS, help="MR methods")
+    p.add_argument("--train-volumes", type=int, default=4)
+    p.add_argument("--eval-volumes", type=int, default=2)
+    p.add_argument("--small-data", action="store_true", help="also rows dds[1vol], padis[1vol]: priors on 1 volume")
+    p.add_argument("--params", default="{}", help="JSON {method: {param: value}} over the sampler defaults")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (method, setting) subprocess")
+    p.add_argument("--out", type=Path, default=HERE / "out" / "quality.json")
+    p.add_argument("--workdir", type=Path, default=HERE / "out" / "quality_work")
+    p.add_argument("--gpu", action="store_true", help="train and reconstruct on CUDA")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.budget_steps < 1 or args.train_volumes < 1 or args.eval_volumes < 1:
+        p.error("--budget-steps, --train-volumes and --eval-volumes must be >= 1")
+    try:
+        args.params = json.loads(args.params)
+    except json.JSONDecodeError as err:
+        p.error(f"--params is not valid JSON ({err}); pass e.g. '{{\"dps\": {{\"zeta\": 0.5}}}}'")
+    return args
+
+
+def check_methods(args: argparse.Namespace) -> None:
+    """Unknown method names stop the run before any training (one clear message)."""
+    from medrecon.errors import ConfigError
+    from medrecon.reconstruct import load_methods
+
+    known = load_methods()
+    for name in [*args.methods, *args.mr_methods]:
+        if name not in known:
+            raise ConfigError(f"benchmarks/quality.py: unknown method {name!r}.",
+                              fix=f"use some of: {', '.join(sorted(known))}.")
+    for name in args.mr_methods:
+        if name in known and name not in PRIOR_OF["MR"] and name not in ("zero_filled", "sense", "l1_wavelet",
+                                                                        "tv"):
+            raise ConfigError(f"benchmarks/quality.py: no MR prior is trained for {name!r} here.",
+                              fix=f"MR diffusion rows: {sorted(PRIOR_OF['MR'])}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    check_methods(args)
+    device = "cuda" if args.gpu else "cpu"
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    ct_rows = {m: m for m in args.methods}
+    if args.small_data:
+        ct_rows.update({r: m for r, (m, _) in SMALL_DATA_METHODS.items()})
+    mr_rows = {m: m for m in args.mr_methods} if args.mr_accel else {}
+    modalities = ["CT"] + (["MR"] if mr_rows else [])
+    vols = {mod: make_volumes(work, mod, args.train_volumes, args.eval_volumes) for mod in modalities}
+    needed = {PRIOR_OF["CT"][r] for r in ct_rows if r in PRIOR_OF["CT"]}
+    needed |= {PRIOR_OF["MR"][r] for r in mr_rows if r in PRIOR_OF["MR"]}
+    params = {m: {**SAMPLER_PARAMS.get(m, {}), **args.params.get(m, {})} for m in {*ct_rows.values(),
+                                                                                 *mr_rows.values()}}
+    result: dict[str, Any] = {
+        "settings": {
+            "budget_steps": args.budget_steps, "batch_size": 8, "views": args.views, "mr_accel": args.mr_accel,
+            "train_volumes": args.train_volumes, "eval_volumes": args.eval_volumes, "small_data": args.small_data,
+            "shape": SHAPE, "ct_spacing_mm": CT_SPACING, "mr_spacing_mm": MR_SPACING, "seeds": SEEDS,
+            "sampler_params": params, "device": device, "threads": 1, "machine": platform.machine(),
+            "torch": torch.__version__, "ct_noise": "Poisson, I0 = 1e5", "mr": "sense2d, 8 coils, 30 dB, 6 ACS",
+        },
+        "training": {}, "summary": {}, "runs": {},
+    }
+
+    def save() -> None:
+        result["wall_s"] = time.perf_counter() - t_start
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(args.out)
+
+    t_train = time.perf_counter()
+    priors = train_priors(needed, work, args.budget_steps, device, vols)
+    result["training"] = {"wall_s": time.perf_counter() - t_train, "priors": priors}
+    save()
+    plan = [("CT", v, ct_rows) for v in args.views] + [("MR", r, mr_rows) for r in (args.mr_accel or [])]
+    for modality, setting, rows in plan:
+        name = setting_name(modality, setting)
+        meas = measure_all(work, modality, setting, vols[modality]["eval"], device)
+        result["summary"][name], result["runs"][name] = {}, {}
+        for row, method in rows.items():
+            prior_name = PRIOR_OF[modality].get(row)
+            prior = priors[prior_name]["path"] if prior_name else None
+            _log(f"{name}: {row}")
+            docs = run_method(work, row, method, modality, setting, meas, prior, params[method], device,
+                              args.timeout)
+            result["runs"][name][row] = docs
+            result["summary"][name][row] = summarise(docs)
+            if "error" in docs[0]:
+                _log(f"  FAILED ({docs[0]['error']}): {docs[0]['stderr_tail'][-1:]}  command: {docs[0]['command']}")
+            save()
+    print(table(result["summary"]))
+    print(f"\ntraining budget: {args.budget_steps} steps x batch 8 per network (ReSample: autoencoder and latent "
+          f"UNet each); training wall {result['training']['wall_s']:.0f} s")
+    print("sampler params: " + "; ".join(f"{m} {p}" for m, p in sorted(params.items()) if p))
+    save()
+    print(f"total wall {result['wall_s']:.0f} s; JSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
