@@ -14,13 +14,16 @@ operators of :mod:`medrecon.physics.mri` and returns complex64 images ``(1, *ima
 * ``mri_tv`` - ``+ lam TV(x)`` (anisotropic TV, SigPy's finite differences), PDHG
   (``sigpy.mri.app.TotalVariationRecon``).
 
-W is the sampling mask for Cartesian operators (unsampled entries weigh nothing) and, for the NUFFT, the
-density compensation weights (SigPy's convention; a density-weighted least squares that converges much
-faster and has the same solution for consistent data); ``dcf_weights: false`` uses W = 1 instead.
+W is the sampling mask for Cartesian operators (unsampled entries weigh nothing). For the NUFFT,
+``dcf_weights: true`` makes W the density compensation weights (SigPy's convention: a density-weighted least
+squares, which converges faster but weighs the noisy outer k-space up), ``false`` makes W = 1. Measured on
+the brain phantom (radial, R = 4, 8 coils, 30 dB, 128^2): SENSE 19.8 dB with W = dcf vs 23.0 dB with W = 1,
+L1-wavelet 19.8 vs 24.7, TV (100 PDHG iterations) 28.6 vs 20.9 (unweighted PDHG is far from converged);
+hence the defaults: false for ``sense`` and ``l1_wavelet``, true for ``mri_tv``.
 
 The l1 and TV weights scale with the image intensity, so the config gives them *relative*: the absolute
-weight is ``lam * max |x_zf|`` with x_zf the zero-filled image of the whole stack (the data term's gradient
-at x = 0 under W); ``lam_scale: absolute`` passes the value unchanged.
+weight is ``lam * max |A^H W y|`` over the whole stack (the data term's gradient at x = 0; for Cartesian
+data the zero-filled image); ``lam_scale: absolute`` passes the value unchanged.
 
 SigPy runs one slice at a time on the CPU (``show_pbar=False``): its apps are per-image, and the cost is
 small next to the iterations. A 3D SENSE operator (``mri-sense-3d``) is solved as one 3D problem.
@@ -93,7 +96,8 @@ def _run_per_slice(problem: ReconProblem, app: type, lamda: float, max_iter: int
     return x.reshape(problem.image_shape), seconds
 
 
-def _relative_weight(problem: ReconProblem, params: dict, default: float, method: str) -> float:
+def _relative_weight(problem: ReconProblem, params: dict, default: float, method: str,
+                     use_dcf: bool) -> float:
     """Absolute regularisation weight from the config's relative one (see the module docstring)."""
     lam = float(params.get("lam", default))
     scale = str(params.get("lam_scale", "relative"))
@@ -104,7 +108,7 @@ def _relative_weight(problem: ReconProblem, params: dict, default: float, method
     if scale != "relative":
         raise ConfigError(f"{method}: unknown lam_scale {scale!r}",
                           fix="use lam_scale: relative or absolute.")
-    if isinstance(problem.operator, Nufft2D) and not params.get("dcf_weights", True):
+    if isinstance(problem.operator, Nufft2D) and not use_dcf:
         with torch.no_grad():
             ref = problem.operator.adjoint(problem.y.to(torch.complex64))
     else:
@@ -130,13 +134,13 @@ def zero_filled_method(problem: ReconProblem, params: dict, prior: Any = None,
 def sense_method(problem: ReconProblem, params: dict, prior: Any = None,
                  generator: torch.Generator | None = None) -> ReconResult:
     """CG-SENSE. params: ``lam`` (float, 0.01; absolute, dimensionless Tikhonov weight), ``n_iter``
-    (int, 30 CG iterations), ``dcf_weights`` (bool, True; NUFFT only)."""
+    (int, 30 CG iterations), ``dcf_weights`` (bool, False; NUFFT only)."""
     lam = float(params.get("lam", 0.01))
     if lam < 0:
         raise ConfigError(f"sense: lam must be >= 0, got {lam}", fix="set params.sense.lam >= 0.")
     n_iter = int(params.get("n_iter", 30))
     x, sec = _run_per_slice(problem, sigpy.mri.app.SenseRecon, lam, n_iter,
-                            bool(params.get("dcf_weights", True)))
+                            bool(params.get("dcf_weights", False)))
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
 
 
@@ -145,11 +149,11 @@ def l1_wavelet_method(problem: ReconProblem, params: dict, prior: Any = None,
                       generator: torch.Generator | None = None) -> ReconResult:
     """L1-wavelet compressed sensing. params: ``lam`` (float, 0.001, relative to max |x_zf|),
     ``lam_scale`` ('relative' | 'absolute'), ``n_iter`` (int, 50 FISTA iterations), ``wavelet`` (str, 'db4'),
-    ``dcf_weights`` (bool, True; NUFFT only)."""
-    lam = _relative_weight(problem, params, 0.001, "l1_wavelet")
+    ``dcf_weights`` (bool, False; NUFFT only)."""
+    use_dcf = bool(params.get("dcf_weights", False))
+    lam = _relative_weight(problem, params, 0.001, "l1_wavelet", use_dcf)
     n_iter = int(params.get("n_iter", 50))
-    x, sec = _run_per_slice(problem, sigpy.mri.app.L1WaveletRecon, lam, n_iter,
-                            bool(params.get("dcf_weights", True)),
+    x, sec = _run_per_slice(problem, sigpy.mri.app.L1WaveletRecon, lam, n_iter, use_dcf,
                             wave_name=str(params.get("wavelet", "db4")))
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
 
@@ -159,8 +163,8 @@ def mri_tv_method(problem: ReconProblem, params: dict, prior: Any = None,
                   generator: torch.Generator | None = None) -> ReconResult:
     """TV-regularised SENSE. params: ``lam`` (float, 0.005, relative to max |x_zf|), ``lam_scale``,
     ``n_iter`` (int, 100 PDHG iterations), ``dcf_weights`` (bool, True; NUFFT only)."""
-    lam = _relative_weight(problem, params, 0.005, "mri_tv")
+    use_dcf = bool(params.get("dcf_weights", True))
+    lam = _relative_weight(problem, params, 0.005, "mri_tv", use_dcf)
     n_iter = int(params.get("n_iter", 100))
-    x, sec = _run_per_slice(problem, sigpy.mri.app.TotalVariationRecon, lam, n_iter,
-                            bool(params.get("dcf_weights", True)))
+    x, sec = _run_per_slice(problem, sigpy.mri.app.TotalVariationRecon, lam, n_iter, use_dcf)
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
