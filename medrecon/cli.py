@@ -171,7 +171,8 @@ def _reconstruct_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("measurement", help="measurement store (.zarr)")
     p.add_argument("out", help="output volume (.zarr); posterior std (several samples) goes to OUT/std")
     p.add_argument("--method", required=True, help="method name, e.g. fbp, sirt, tv, sense, dps, dds")
-    p.add_argument("--prior", help="prior checkpoint for diffusion methods")
+    p.add_argument("--prior", nargs="+", help="prior checkpoint(s) for diffusion methods (ReSample: autoencoder "
+                   "then latent prior)")
     _config_arg(p)
 
 

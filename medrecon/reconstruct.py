@@ -40,6 +40,9 @@ _PRIOR_LOADERS = {
     "padis3d": "medrecon.diffusion.patches:patch_prior_from_checkpoint",
     "diffusionblend": "medrecon.diffusion.slab_data:slab_prior_from_checkpoint",
     "diffusionblend++": "medrecon.diffusion.slab_data:slab_prior_from_checkpoint",
+    # ReSample: two checkpoints, the autoencoder and the latent prior trained on it
+    "resample": "medrecon.diffusion.latent:load_latent_prior",
+    "latent_dps": "medrecon.diffusion.latent:load_latent_prior",
 }
 _DEFAULT_PRIOR_LOADER = "medrecon.diffusion.checkpoint:prior_from_checkpoint"
 
@@ -82,8 +85,12 @@ def to_output_units(samples: torch.Tensor, measurement: Measurement) -> np.ndarr
 
 
 def reconstruct(measurement_path: str | Path, out: str | Path, method: str, config: dict[str, Any],
-                prior_path: str | Path | None = None) -> Volume:
-    """Reconstruct ``measurement_path`` with ``method`` (config['reconstruct']) into the Volume ``out``."""
+                prior_path: str | Path | list[str | Path] | None = None) -> Volume:
+    """Reconstruct ``measurement_path`` with ``method`` (config['reconstruct']) into the Volume ``out``.
+
+    ``prior_path`` is one checkpoint, or several for methods whose prior has several parts (ReSample:
+    autoencoder then latent prior).
+    """
     methods = load_methods()
     if method not in methods:
         raise ConfigError(f"Unknown reconstruction method {method!r}.",
@@ -99,14 +106,15 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     # Sampler noise is drawn on the CPU and moved: the same seed gives the same noise on any device.
     generator = torch.Generator().manual_seed(seed)
     prior = None
-    if prior_path is not None:
+    paths = [] if prior_path is None else [prior_path] if isinstance(prior_path, str | Path) else list(prior_path)
+    if paths:
         load = prior_loader(method)
         # Methods work in the operator's image domain: attenuation (1/mm) for CT, the native image for MR.
         if meas.modality == "CT":
-            prior = load(prior_path, device=device, expect_modality="CT", image_units="attenuation",
+            prior = load(*paths, device=device, expect_modality="CT", image_units="attenuation",
                          mu_water=float(meas.meta["operator_units"]["mu_water"]))
         else:
-            prior = load(prior_path, device=device, expect_modality="MR")
+            prior = load(*paths, device=device, expect_modality="MR")
 
     op = meas.operator(device)
     y = torch.from_numpy(meas.read()).to(device)
@@ -135,7 +143,7 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
         "modality": meas.modality,
         "units": "HU" if meas.modality == "CT" else meas.meta.get("image_units", "arbitrary"),
         "kind": "reconstruction", "method": method, "params": params, "record": record, "info": result.info,
-        "measurement": str(measurement_path), "prior": None if prior_path is None else str(prior_path),
+        "measurement": str(measurement_path), "prior": [str(p) for p in paths] or None,
         "provenance": provenance({"reconstruct": rcfg, "method": method}, seeds={"reconstruct": seed},
                                  device=str(device)),
     }

@@ -407,7 +407,20 @@ def build_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume]
 
 def train_prior(cfg: dict[str, Any], volumes: list[Path], out: Path, resume: bool = True) -> Path:
     """Train the prior ``cfg`` describes on the training ``volumes``; returns the checkpoint path ``out``."""
-    if (cfg or {}).get("kind") == "patch":  # PaDIS: patch geometry options travel beside the train config
+    kind = (cfg or {}).get("kind")
+    if kind == "autoencoder":  # ReSample's autoencoder
+        from medrecon.diffusion.latent import train_autoencoder_prior
+
+        return Path(train_autoencoder_prior(cfg, volumes, out, resume=resume))
+    if kind == "latent":  # ReSample's latent prior, on the autoencoder checkpoint named in cfg["autoencoder"]
+        from medrecon.diffusion.latent import train_latent_prior
+
+        if not cfg.get("autoencoder"):
+            raise ConfigError("a latent prior needs the autoencoder checkpoint it is trained on",
+                              fix="set train.<name>.autoencoder to the name of the autoencoder prior")
+        rest = {k: v for k, v in cfg.items() if k != "autoencoder"}
+        return Path(train_latent_prior(rest, volumes, cfg["autoencoder"], out, resume=resume).checkpoint)
+    if kind == "patch":  # PaDIS: patch geometry options travel beside the train config
         from medrecon.diffusion.patches import train_patch_prior
 
         rest = {k: v for k, v in cfg.items() if k != "patch"}

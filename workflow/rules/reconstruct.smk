@@ -9,7 +9,7 @@ def method_config(wildcards):
 
 def prior_input(wildcards):
     path = config["reconstruct"]["priors"][SUBJECTS[wildcards.subject]["modality"]].get(wildcards.method)
-    return [path] if path else []
+    return [] if not path else [path] if isinstance(path, str) else list(path)
 
 
 rule reconstruct:
@@ -21,7 +21,7 @@ rule reconstruct:
         directory(RESULTS / "{subject}" / "recon" / "{method}.zarr"),
     params:
         config=method_config,
-        prior=lambda wc, input: f"--prior {input.prior[0]}" if input.prior else "",
+        prior=lambda wc, input: "--prior " + " ".join(map(str, input.prior)) if input.prior else "",
     log:
         LOGS / "{subject}" / "reconstruct_{method}.log",
     benchmark:

@@ -8,14 +8,28 @@ def training_volumes(wildcards):
     return vols
 
 
+def autoencoder_input(wildcards):
+    """A latent prior (ReSample) trains on the autoencoder prior it names."""
+    name = config["train"][wildcards.prior].get("autoencoder")
+    return [RESULTS / "priors" / f"{name}.pt"] if name else []
+
+
+def train_section(wildcards, input):
+    section = dict(config["train"][wildcards.prior])
+    if input.autoencoder:
+        section["autoencoder"] = str(input.autoencoder[0])
+    return json.dumps({"train": {wildcards.prior: section}}, sort_keys=True)
+
+
 rule train:
     """Train a diffusion prior on the study's training volumes (resumes from its last checkpoint)."""
     input:
-        training_volumes,
+        volumes=training_volumes,
+        autoencoder=autoencoder_input,
     output:
         RESULTS / "priors" / "{prior}.pt",
     params:
-        config=lambda wc: json.dumps({"train": {wc.prior: config["train"][wc.prior]}}, sort_keys=True),
+        config=train_section,
     log:
         LOGS / "train_{prior}.log",
     benchmark:
@@ -24,4 +38,4 @@ rule train:
     resources:
         mem_mb=8000,
     shell:
-        "medrecon train {output:q} {input:q} --name {wildcards.prior} --config {params.config:q} > {log:q} 2>&1"
+        "medrecon train {output:q} {input.volumes:q} --name {wildcards.prior} --config {params.config:q} > {log:q} 2>&1"
