@@ -29,7 +29,7 @@ How to read the table
     Sampler step counts are modest for CPU and are printed under the table and stored in the JSON: this is
     a small-budget comparison, not a reproduction of the papers' absolute numbers.
 
-Run: ``python benchmarks/quality.py`` (defaults: budget 200 steps, CT 8 and 16 views, MR R = 4 and 8, all
+Run: ``python benchmarks/quality.py`` (defaults: budget 150 steps, CT 8 and 16 views, MR R = 4 and 8, all
 methods) -> prints the table, writes ``benchmarks/out/quality.json`` (rewritten after every method, so a
 partial run leaves its numbers). ``--methods fbp dds`` restricts the CT rows, ``--mr-methods`` the MR rows,
 ``--mr-accel`` with no values skips MR, ``--params '{"dps": {"zeta": 0.5}}'`` overrides sampler parameters.
@@ -73,11 +73,11 @@ PRIOR_OF = {
 # Modest sampler settings for 2 CPU cores (the papers use 50-1000 steps; see each method's docstring).
 SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     "dds": {"steps": 50},
-    "dps": {"steps": 150},
+    "dps": {"steps": 100},
     "diffusionblend": {"steps": 50},
     "diffusionblend++": {"steps": 50},
-    "padis": {"steps": 30, "inner": 3},
-    "padis3d": {"steps": 30, "inner": 3},
+    "padis": {"steps": 20, "inner": 2},
+    "padis3d": {"steps": 20, "inner": 2},
     "resample": {"steps": 50, "dc_every": 5, "inter_steps": 2, "pixel_iters": 200, "latent_iters": 100,
                  "stall_window": 50},
     "latent_dps": {"steps": 50},
@@ -177,6 +177,7 @@ def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: di
                 _log(f"training latent prior ({steps} steps)")
                 train_latent_prior(cfgs["latent"], train_vols, ae, lat)
             cfg = {"autoencoder": cfgs["autoencoder"], "latent": cfgs["latent"]}
+            out = [ae, lat]  # reconstruct takes the two checkpoints in this order
         else:
             out = pdir / f"{name}.pt"
             cached = out.exists()
@@ -185,7 +186,8 @@ def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: di
                 _log(f"training prior {name} ({steps} steps) on {len(train_vols)} volume(s)")
                 train_prior(copy.deepcopy(cfg), train_vols, out)
         seconds = time.perf_counter() - t0
-        done[name] = {"path": str(out), "seconds": None if cached else seconds, "cached": cached,
+        path = [str(p) for p in out] if isinstance(out, list) else str(out)
+        done[name] = {"path": path, "seconds": None if cached else seconds, "cached": cached,
                       "volumes": [str(v) for v in train_vols], "config": cfg}
         _log(f"prior {name}: {'cached' if cached else f'{seconds:.0f} s'}")
     return done
@@ -210,16 +212,6 @@ def _tag(modality: str, setting: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reconstruct
-def _latent_loader(path: str | Path, device: Any = "cpu", expect_modality: str | None = None,
-                   image_units: str = "native", mu_water: float | None = None):
-    """A ReSample prior from a folder holding ``autoencoder.pt`` and ``latent.pt`` (reconstruct's loader API)."""
-    from medrecon.diffusion.latent import load_latent_prior
-
-    p = Path(path)
-    return load_latent_prior(p / "autoencoder.pt", p / "latent.pt", device=device, image_units=image_units,
-                             mu_water=mu_water, expect_modality=expect_modality)
-
-
 def worker(job_path: Path) -> None:
     """Subprocess entry: reconstruct each item of a job file with medrecon.reconstruct.reconstruct."""
     import shutil
@@ -230,9 +222,6 @@ def worker(job_path: Path) -> None:
 
     torch.set_num_threads(1)
     job = json.loads(job_path.read_text())
-    for m in ("resample", "latent_dps"):
-        # reconstruct has no loader for the two-checkpoint latent prior yet: the benchmark supplies one.
-        rec._PRIOR_LOADERS.setdefault(m, "__main__:_latent_loader")
     for item in job["items"]:
         out = Path(item["out"])
         if out.exists():
@@ -241,7 +230,8 @@ def worker(job_path: Path) -> None:
 
 
 def run_method(work: Path, row: str, method: str, modality: str, setting: float, meas: list[Path],
-               prior: str | None, params: dict[str, Any], device: str, timeout: float) -> list[dict[str, Any]]:
+               prior: str | list[str] | None, params: dict[str, Any], device: str,
+               timeout: float) -> list[dict[str, Any]]:
     """Reconstruct and evaluate every held-out volume with one method; cached by (params, prior)."""
     from medrecon.evaluate import evaluate
 
@@ -329,7 +319,7 @@ def table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-steps", type=int, default=200, help="optimizer steps per network (default 200)")
+    p.add_argument("--budget-steps", type=int, default=150, help="optimizer steps per network (default 150)")
     p.add_argument("--views", type=int, nargs="*", default=[8, 16], help="CT view counts (e.g. 8 16 20)")
     p.add_argument("--mr-accel", type=float, nargs="*", default=[4.0, 8.0], help="MR accelerations; none = no MR")
     p.add_argument("--methods", nargs="*", default=CT_METHODS, help="CT methods")
