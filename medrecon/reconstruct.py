@@ -119,7 +119,8 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     op = meas.operator(device)
     y = torch.from_numpy(meas.read()).to(device)
     problem = ReconProblem(y=y, operator=op, modality=meas.modality, image_shape=meas.image_shape,
-                           noise_std=meas.meta.get("noise", {}).get("std"), meta=dict(meas.meta))
+                           noise_std=meas.meta.get("noise", {}).get("std"),
+                           meta={**meas.meta, "spacing": list(meas.image_geometry.spacing)})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
