@@ -16,14 +16,6 @@ F64 = torch.float64
 SEED_PRIOR = dict(weights=[0.3, 0.5, 0.2], means=[[-2.5], [0.0], [1.5]], covs=[[0.09], [0.16], [0.09]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _mix2d() -> GaussianMixturePrior:
     covs = torch.tensor([[[0.30, 0.12], [0.12, 0.20]], [[0.10, -0.05], [-0.05, 0.40]],

@@ -24,14 +24,6 @@ from medrecon.recon.registry import METHODS, ReconProblem
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Dense(LinearOperator):
     """y = M vec(x) for every leading batch element; test-only, not registered."""

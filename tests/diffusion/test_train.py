@@ -38,14 +38,6 @@ _TINY = {k: v for k, v in tiny_network_spec("slice", 16).items()
                   "num_head_channels", "norm_num_groups")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster for these tiny nets on a shared 2-core machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def cfg(**kw) -> dict:
     base = dict(image_size=16, network=dict(_TINY), batch_size=8, steps=100, lr=2e-3, warmup_steps=10,

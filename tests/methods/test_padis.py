@@ -38,14 +38,6 @@ from medrecon.volume import Geometry, Volume
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster for these tiny problems on a shared 2-core machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # --------------------------------------------------------------------------------- analytic position prior
 

@@ -44,14 +44,6 @@ F64 = torch.float64
 MU_WATER = 0.0192
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster for these tiny problems on a shared 2-core machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # --------------------------------------------------------------------------------- Proposition 2
 

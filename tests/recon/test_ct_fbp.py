@@ -21,15 +21,6 @@ SHAPE = (4, 64, 64)
 SPACING = (2.0, 4.0, 4.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On the shared 2-core test machine torch's two intra-op threads contend with other processes (the fan
-    FBP here measured 1.5 s with two threads, 0.45 s with one); tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def psnr_hu(mu: torch.Tensor | np.ndarray, ref_hu: np.ndarray) -> float:
     """PSNR in the [-1000, 1000] HU window mapped to [0, 1]."""

@@ -17,14 +17,6 @@ from medrecon.recon.registry import METHODS, ReconProblem
 SHAPE = (3, 64, 64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small images: torch's intra-op threads only contend on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def brain() -> np.ndarray:
