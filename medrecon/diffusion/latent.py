@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from medrecon.diffusion.checkpoint import (
@@ -65,6 +64,7 @@ from medrecon.diffusion.train import (
     TrainResult,
     _seed,
     build_dataset,
+    ema_model,
     loss_log_path,
     pick_device,
     resolve_train_config,
@@ -297,7 +297,7 @@ def train_autoencoder(cfg: dict[str, Any], dataset: TrainingDataset, out: str | 
         torch.manual_seed(cfg["seed"])
         ae = build_autoencoder(spec)
     ae.to(device).train()
-    ema = AveragedModel(ae, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
+    ema = ema_model(ae, cfg["ema_decay"])
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["warmup_steps"], cfg["steps"]))
     start, elapsed = 0, 0.0

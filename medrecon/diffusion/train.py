@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from medrecon.diffusion.checkpoint import KINDS as CHECKPOINT_KINDS
@@ -117,6 +117,22 @@ def resolve_train_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     c["grad_clip"] = float(c["grad_clip"] or 0.0)
     c["flips"] = list(c["flips"])
     return to_jsonable(c)
+
+
+def ema_model(net: torch.nn.Module, decay: float) -> AveragedModel:
+    """EMA of ``net``'s weights with warm-up: update ``n`` uses ``min(decay, (1 + n) / (10 + n))``.
+
+    Without the warm-up an EMA of decay 0.999 still holds ``0.999**800 = 45 %`` of the random initial weights
+    after 800 steps (measured: the demo prior's EMA denoised worse than its raw weights by 8x at sigma 5);
+    with it, short CPU trainings give a usable average and long ones the usual one.
+    """
+
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor | int) -> None:
+        k = float(n)
+        d = min(decay, (1.0 + k) / (10.0 + k))
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return AveragedModel(net, multi_avg_fn=update, use_buffers=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -302,7 +318,7 @@ def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, mod
         torch.manual_seed(cfg["seed"])
         net = build_unet(spec)
     net.to(device).train()
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
+    ema = ema_model(net, cfg["ema_decay"])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["warmup_steps"], cfg["steps"]))
     start, elapsed = 0, 0.0
