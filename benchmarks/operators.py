@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from medrecon.physics import ct
+from medrecon.physics import ct_geometry as ctg
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,7 +62,7 @@ def _paired(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 
 def ct_cpu_rows(beam: str, slices: int, size: int, views: int, threads: int, repeats: int) -> list[dict]:
     arc = 360.0 if beam == "fan" else 180.0
-    geom = ct.CTGeometry.create(beam, (size, size), (1.0, 1.0), ct.sparse_view_angles(views, arc))
+    geom = ctg.CTGeometry.create(beam, (size, size), (1.0, 1.0), ctg.sparse_view_angles(views, arc))
     ct.clear_matrix_cache()
     t0 = time.perf_counter()
     sm = ct.system_matrix(geom)
@@ -113,7 +114,7 @@ def ct_cpu_rows(beam: str, slices: int, size: int, views: int, threads: int, rep
 
 
 def slab_sweep(slices: int, size: int, views: int, repeats: int) -> list[dict]:
-    geom = ct.CTGeometry.create("parallel", (size, size), (1.0, 1.0), ct.sparse_view_angles(views))
+    geom = ctg.CTGeometry.create("parallel", (size, size), (1.0, 1.0), ctg.sparse_view_angles(views))
     A, AT = ct.system_matrix(geom).on(torch.device("cpu"))
     x = torch.rand(slices, size * size)
     y = torch.rand(slices, views * geom.detector_count)
@@ -141,7 +142,7 @@ def ct_gpu_rows(repeats: int) -> list[dict]:  # pragma: no cover - GPU only
     dev = torch.device("cuda")
     for beam in ("parallel", "fan"):
         arc = 360.0 if beam == "fan" else 180.0
-        geom = ct.CTGeometry.create(beam, (256, 256), (1.0, 1.0), ct.sparse_view_angles(60, arc))
+        geom = ctg.CTGeometry.create(beam, (256, 256), (1.0, 1.0), ctg.sparse_view_angles(60, arc))
         x = torch.rand(64, 256, 256, device=dev)
         for backend in ("astra", "matrix"):
             op = ct.ct_operator(geom, backend=backend)
@@ -149,7 +150,7 @@ def ct_gpu_rows(repeats: int) -> list[dict]:  # pragma: no cover - GPU only
             rows.append(
                 {"name": f"ct-{beam} FP+BP CUDA {backend}", "median_s": t, "notes": "64x256x256, 60 views"}
             )
-    geom = ct.CTGeometry.create("cone", (256, 256, 256), (1.0, 1.0, 1.0), ct.sparse_view_angles(256, 360.0))
+    geom = ctg.CTGeometry.create("cone", (256, 256, 256), (1.0, 1.0, 1.0), ctg.sparse_view_angles(256, 360.0))
     op = ct.ConeBeamCT(geom)
     x = torch.rand(256, 256, 256, device=dev)
     t = _median(lambda: op.adjoint(op(x)), repeats, sync=True)

@@ -42,7 +42,8 @@ def _slabs(vol: Volume, op: LinearOperator):
 
 
 def measure_ct(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: torch.device) -> Path:
-    from medrecon.physics.ct import CTGeometry, ct_operator, hu_to_mu
+    from medrecon.physics.ct import ct_operator
+    from medrecon.physics.ct_geometry import CTGeometry, hu_to_mu
     from medrecon.physics.noise import ct_poisson_noise, noise_record
 
     ct = cfg["measure"]["ct"]

@@ -76,7 +76,7 @@ def pick_device(setting: str) -> torch.device:
 def to_output_units(samples: torch.Tensor, measurement: Measurement) -> np.ndarray:
     """Image-domain samples → HU (CT) or magnitude (MR), float32 numpy (S, z, y, x)."""
     if measurement.modality == "CT":
-        from medrecon.physics.ct import mu_to_hu
+        from medrecon.physics.ct_geometry import mu_to_hu
 
         mu_water = measurement.meta["operator_units"]["mu_water"]
         return np.asarray(mu_to_hu(samples.detach().cpu().double(), mu_water), dtype=np.float32)

@@ -10,7 +10,7 @@ from medrecon import config as cfgmod
 from medrecon.io.phantoms import write_phantom_volume
 from medrecon.measure import measure
 from medrecon.measurement import Measurement
-from medrecon.physics.ct import hu_to_mu
+from medrecon.physics.ct_geometry import hu_to_mu
 from medrecon.volume import Volume
 
 

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from medrecon.errors import ConfigError, InputError
-from medrecon.physics.ct import CTGeometry, require_cone_gpu
+from medrecon.physics.ct import require_cone_gpu
+from medrecon.physics.ct_geometry import CTGeometry
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")

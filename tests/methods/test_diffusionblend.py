@@ -39,7 +39,8 @@ from medrecon.diffusion.train import train_prior
 from medrecon.errors import ConfigError, InputError
 from medrecon.io.phantoms import ct_phantom, mr_brain_phantom
 from medrecon.methods.diffusionblend import blend, diffusionblend, diffusionblend_pp, partition
-from medrecon.physics.ct import MU_WATER, CTGeometry, ParallelBeamCT, hu_to_mu, sparse_view_angles
+from medrecon.physics.ct import ParallelBeamCT
+from medrecon.physics.ct_geometry import MU_WATER, CTGeometry, hu_to_mu, sparse_view_angles
 from medrecon.physics.mri import Sense2D, birdcage_coils, cartesian_mask_1d
 from medrecon.physics.operator import LinearOperator
 from medrecon.recon.registry import METHODS, ReconProblem

@@ -29,7 +29,8 @@ from medrecon.diffusion.patches import (
 from medrecon.errors import ConfigError
 from medrecon.methods.padis import choose_patch_size
 from medrecon.physics.coils import birdcage_coils
-from medrecon.physics.ct import CTGeometry, ParallelBeamCT, sparse_view_angles
+from medrecon.physics.ct import ParallelBeamCT
+from medrecon.physics.ct_geometry import CTGeometry, sparse_view_angles
 from medrecon.physics.mri import Sense2D
 from medrecon.physics.mri_sampling import cartesian_mask_1d
 from medrecon.recon.registry import METHODS, ReconProblem

@@ -34,7 +34,8 @@ from medrecon.errors import ConfigError, InputError
 from medrecon.io.phantoms import make_phantom
 from medrecon.methods.resample import minimise_mse
 from medrecon.physics.coils import birdcage_coils
-from medrecon.physics.ct import CTGeometry, ParallelBeamCT, hu_to_mu, sparse_view_angles
+from medrecon.physics.ct import ParallelBeamCT
+from medrecon.physics.ct_geometry import CTGeometry, hu_to_mu, sparse_view_angles
 from medrecon.physics.mri import Sense2D
 from medrecon.physics.mri_sampling import cartesian_mask_1d
 from medrecon.recon.registry import METHODS, ReconProblem

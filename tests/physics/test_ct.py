@@ -14,6 +14,7 @@ import torch
 
 from medrecon.errors import ConfigError, DeviceError, ResourceError
 from medrecon.physics import ct
+from medrecon.physics import ct_geometry as ctg
 
 
 def disk(n: int, px: float, radius: float, supersample: int = 8) -> np.ndarray:
@@ -25,7 +26,7 @@ def disk(n: int, px: float, radius: float, supersample: int = 8) -> np.ndarray:
     return ((x**2 + y**2) <= radius**2).mean(axis=(2, 3)).astype(np.float32)
 
 
-def bin_centres(geom: ct.CTGeometry) -> np.ndarray:
+def bin_centres(geom: ctg.CTGeometry) -> np.ndarray:
     return (np.arange(geom.detector_count) - (geom.detector_count - 1) / 2) * geom.detector_spacing
 
 
@@ -38,46 +39,46 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_hu_to_mu_values_clip_and_inverse():
     hu = np.array([-1200.0, -1000.0, 0.0, 1000.0, 3000.0], dtype=np.float32)
-    mu = ct.hu_to_mu(hu)
+    mu = ctg.hu_to_mu(hu)
     np.testing.assert_allclose(mu, [0.0, 0.0, 0.0192, 0.0384, 0.0768], rtol=1e-6, atol=1e-9)
     assert mu.dtype == np.float32
-    np.testing.assert_allclose(ct.mu_to_hu(mu[1:]), hu[1:], atol=1e-3)
-    assert ct.hu_to_mu(np.array([0.0]), mu_water=0.02)[0] == pytest.approx(0.02)
-    t = ct.hu_to_mu(torch.tensor([-1000, 0, 500]))  # integer HU become float
+    np.testing.assert_allclose(ctg.mu_to_hu(mu[1:]), hu[1:], atol=1e-3)
+    assert ctg.hu_to_mu(np.array([0.0]), mu_water=0.02)[0] == pytest.approx(0.02)
+    t = ctg.hu_to_mu(torch.tensor([-1000, 0, 500]))  # integer HU become float
     assert t.dtype == torch.float32
     assert torch.allclose(t, torch.tensor([0.0, 0.0192, 0.0288]))
     with pytest.raises(ConfigError, match="mu_water"):
-        ct.hu_to_mu(hu, mu_water=0.0)
+        ctg.hu_to_mu(hu, mu_water=0.0)
 
 
 # --- angles ------------------------------------------------------------------------------------------------
 
 
 def test_angle_sets():
-    np.testing.assert_allclose(np.degrees(ct.sparse_view_angles(4, 180)), [0, 45, 90, 135])
-    np.testing.assert_allclose(np.degrees(ct.sparse_view_angles(3, 360)), [0, 120, 240])
-    np.testing.assert_allclose(np.degrees(ct.limited_angle(90, 4)), [0, 30, 60, 90])
+    np.testing.assert_allclose(np.degrees(ctg.sparse_view_angles(4, 180)), [0, 45, 90, 135])
+    np.testing.assert_allclose(np.degrees(ctg.sparse_view_angles(3, 360)), [0, 120, 240])
+    np.testing.assert_allclose(np.degrees(ctg.limited_angle(90, 4)), [0, 30, 60, 90])
     np.testing.assert_allclose(
-        ct.angles_from_config({"angles_deg": [0, 10, 35.5]}), np.radians([0, 10, 35.5])
+        ctg.angles_from_config({"angles_deg": [0, 10, 35.5]}), np.radians([0, 10, 35.5])
     )
     np.testing.assert_allclose(
-        np.degrees(ct.angles_from_config({"views": 6, "arc_deg": 180})), [0, 30, 60, 90, 120, 150]
+        np.degrees(ctg.angles_from_config({"views": 6, "arc_deg": 180})), [0, 30, 60, 90, 120, 150]
     )
     np.testing.assert_allclose(
-        np.degrees(ct.angles_from_config({"views": 5, "arc_deg": 120, "angles_deg": None})),
+        np.degrees(ctg.angles_from_config({"views": 5, "arc_deg": 120, "angles_deg": None})),
         [0, 30, 60, 90, 120],
     )
     with pytest.raises(ConfigError, match="views"):
-        ct.angles_from_config({"views": 0, "arc_deg": 180})
+        ctg.angles_from_config({"views": 0, "arc_deg": 180})
     with pytest.raises(ConfigError, match="arc_deg"):
-        ct.sparse_view_angles(10, 400)
+        ctg.sparse_view_angles(10, 400)
     with pytest.raises(ConfigError, match="angles_deg"):
-        ct.angles_from_config({"angles_deg": []})
+        ctg.angles_from_config({"angles_deg": []})
 
 
 def test_operator_uses_the_given_angles():
     angles = np.radians([3.0, 17.0, 101.0])
-    op = ct.ParallelBeamCT(ct.CTGeometry.create("parallel", (16, 16), (1.0, 1.0), angles))
+    op = ct.ParallelBeamCT(ctg.CTGeometry.create("parallel", (16, 16), (1.0, 1.0), angles))
     np.testing.assert_array_equal(op.angles, angles)
     assert op.out_shape == (3, op.detector_count)
 
@@ -86,11 +87,11 @@ def test_operator_uses_the_given_angles():
 
 
 def test_geometry_defaults_cover_the_field_of_view():
-    par = ct.CTGeometry.create("parallel", (100, 60), (0.8, 0.8), ct.sparse_view_angles(10))
+    par = ctg.CTGeometry.create("parallel", (100, 60), (0.8, 0.8), ctg.sparse_view_angles(10))
     diag = math.hypot(100 * 0.8, 60 * 0.8)
     assert par.detector_spacing == 0.8
     assert diag <= par.detector_count * par.detector_spacing <= diag + 3 * 0.8
-    fan = ct.CTGeometry.create("fan", (100, 60), (0.8, 0.8), ct.sparse_view_angles(10, 360))
+    fan = ctg.CTGeometry.create("fan", (100, 60), (0.8, 0.8), ctg.sparse_view_angles(10, 360))
     r = diag / 2
     assert fan.source_distance == pytest.approx(595 / 250 * r)
     assert fan.detector_distance == pytest.approx(490 / 250 * r)
@@ -98,7 +99,7 @@ def test_geometry_defaults_cover_the_field_of_view():
     half_fan = math.asin(r / fan.source_distance)  # edge rays of the field of view hit the detector
     sd = fan.source_distance + fan.detector_distance
     assert fan.detector_count * fan.detector_spacing / 2 >= sd * math.tan(half_fan)
-    cone = ct.CTGeometry.create("cone", (20, 32, 32), (2.0, 1.0, 1.0), ct.sparse_view_angles(8, 360))
+    cone = ctg.CTGeometry.create("cone", (20, 32, 32), (2.0, 1.0, 1.0), ctg.sparse_view_angles(8, 360))
     assert cone.detector_rows >= 20 and cone.detector_row_spacing == pytest.approx(2.0 * cone.magnification)
 
 
@@ -113,25 +114,25 @@ def test_geometry_json_round_trip_and_config():
         "source_distance": 500.0,
         "detector_distance": None,
     }
-    g = ct.CTGeometry.from_config(cfg, (40, 64, 48), (2.5, 0.7, 0.7))
+    g = ctg.CTGeometry.from_config(cfg, (40, 64, 48), (2.5, 0.7, 0.7))
     assert g.shape == (64, 48) and g.spacing == (0.7, 0.7) and g.source_distance == 500.0 and g.n_views == 12
-    g2 = ct.CTGeometry.from_dict(json.loads(json.dumps(g.to_dict())))
+    g2 = ctg.CTGeometry.from_dict(json.loads(json.dumps(g.to_dict())))
     assert g2 == g and g2.key() == g.key()
     assert "fan" in repr(g) and "12 views" in repr(g)
 
 
 def test_non_square_pixels_are_a_config_error():
     with pytest.raises(ConfigError, match=r"square pixels.*resample"):
-        ct.CTGeometry.create("parallel", (32, 32), (0.5, 0.25), ct.sparse_view_angles(4))
+        ctg.CTGeometry.create("parallel", (32, 32), (0.5, 0.25), ctg.sparse_view_angles(4))
 
 
 def test_bad_geometry_errors():
     with pytest.raises(ConfigError, match="beam"):
-        ct.CTGeometry.create("helical", (8, 8), (1.0, 1.0), [0.0])
+        ctg.CTGeometry.create("helical", (8, 8), (1.0, 1.0), [0.0])
     with pytest.raises(ConfigError, match="source"):
-        ct.CTGeometry.create("fan", (100, 100), (1.0, 1.0), [0.0], source_distance=50.0)
+        ctg.CTGeometry.create("fan", (100, 100), (1.0, 1.0), [0.0], source_distance=50.0)
     with pytest.raises(ConfigError, match="fan-beam geometry"):
-        ct.FanBeamCT(ct.CTGeometry.create("parallel", (8, 8), (1.0, 1.0), [0.0]))
+        ct.FanBeamCT(ctg.CTGeometry.create("parallel", (8, 8), (1.0, 1.0), [0.0]))
 
 
 def test_3d_vectors_mirror_the_2d_geometry_in_y():
@@ -139,7 +140,7 @@ def test_3d_vectors_mirror_the_2d_geometry_in_y():
     import astra
 
     for beam in ("parallel", "fan"):
-        g = ct.CTGeometry.create(beam, (16, 16), (1.0, 1.0), ct.sparse_view_angles(7, 360))
+        g = ctg.CTGeometry.create(beam, (16, 16), (1.0, 1.0), ctg.sparse_view_angles(7, 360))
         v2 = astra.functions.geom_2vec(g.astra_proj_geom_2d())["Vectors"]
         v3 = g.astra_vectors_3d(5, 1.0)
         np.testing.assert_allclose(v3[:, [0, 1]], v2[:, [0, 1]] * [1, -1], atol=1e-9)  # ray / source
@@ -158,7 +159,7 @@ def test_parallel_disk_matches_analytic_chords_in_mm():
     average (the disk is pixelised; measured 0.8% and 0.16%).
     """
     n, px, radius = 128, 0.5, 12.0
-    g = ct.CTGeometry.create("parallel", (n, n), (px, px), ct.sparse_view_angles(24))
+    g = ctg.CTGeometry.create("parallel", (n, n), (px, px), ctg.sparse_view_angles(24))
     sino = ct.ParallelBeamCT(g)(torch.from_numpy(disk(n, px, radius))).numpy()
     s = bin_centres(g)
     analytic = 2 * np.sqrt(np.clip(radius**2 - s**2, 0, None))
@@ -173,7 +174,7 @@ def test_fan_disk_central_chord_is_the_diameter():
     """Fan beam, same disk: the central ray's chord is 2R = 24 mm for all views (within 1%); every ray at
     isocentre distance d = u SO / sqrt(SD^2 + u^2) matches 2 sqrt(R^2 - d^2) within 3% of 2R (0.5% mean)."""
     n, px, radius = 128, 0.5, 12.0
-    g = ct.CTGeometry.create("fan", (n, n), (px, px), ct.sparse_view_angles(24, 360))
+    g = ctg.CTGeometry.create("fan", (n, n), (px, px), ctg.sparse_view_angles(24, 360))
     assert g.detector_count % 2 == 1  # one bin on the central ray
     sino = ct.FanBeamCT(g)(torch.from_numpy(disk(n, px, radius))).numpy()
     centre = sino[:, g.detector_count // 2]
@@ -192,8 +193,8 @@ def test_fan_disk_central_chord_is_the_diameter():
 
 @pytest.mark.parametrize("beam", ["parallel", "fan"])
 def test_matrix_path_equals_astra_per_slice(beam):
-    g = ct.CTGeometry.create(
-        beam, (48, 40), (0.9, 0.9), ct.sparse_view_angles(17, 360 if beam == "fan" else 180)
+    g = ctg.CTGeometry.create(
+        beam, (48, 40), (0.9, 0.9), ctg.sparse_view_angles(17, 360 if beam == "fan" else 180)
     )
     op_m = ct.ct_operator(g, backend="matrix")
     op_a = ct.ct_operator(g, backend="astra", threads=2)
@@ -218,7 +219,7 @@ def test_leading_dims_and_dtype():
 
 
 def test_budget_fallback_and_matrix_cache():
-    g = ct.CTGeometry.create("parallel", (64, 64), (1.0, 1.0), ct.sparse_view_angles(30))
+    g = ctg.CTGeometry.create("parallel", (64, 64), (1.0, 1.0), ctg.sparse_view_angles(30))
     small = ct.ParallelBeamCT(g, matrix_budget_mb=0.01)
     assert not small.uses_matrix  # auto falls back to ASTRA's per-slice projector
     with pytest.raises(ResourceError, match="matrix_budget_mb"):
@@ -229,7 +230,7 @@ def test_budget_fallback_and_matrix_cache():
     assert rel(small(x), big(x)) < 1e-4
     m1 = ct.system_matrix(g)
     t0 = time.perf_counter()
-    again = ct.ParallelBeamCT(ct.CTGeometry.from_dict(g.to_dict()))  # equal geometry, new object
+    again = ct.ParallelBeamCT(ctg.CTGeometry.from_dict(g.to_dict()))  # equal geometry, new object
     again(x)
     assert ct.system_matrix(again.geometry) is m1  # served from the cache, not rebuilt
     assert time.perf_counter() - t0 < m1.build_s + 0.5
@@ -238,7 +239,7 @@ def test_budget_fallback_and_matrix_cache():
 
 
 def test_matrix_estimate_bounds_fan():
-    g = ct.CTGeometry.create("fan", (64, 64), (1.0, 1.0), ct.sparse_view_angles(20, 360))
+    g = ctg.CTGeometry.create("fan", (64, 64), (1.0, 1.0), ctg.sparse_view_angles(20, 360))
     actual = ct.system_matrix(g).nbytes / 1e6
     assert actual <= ct.estimate_matrix_mb(g) <= 2.0 * actual
 
@@ -252,7 +253,7 @@ _needs_no_gpu = pytest.mark.skipif(
 
 @_needs_no_gpu
 def test_cone_beam_without_gpu_raises_device_error():
-    g = ct.CTGeometry.create("cone", (8, 16, 16), (1.0, 1.0, 1.0), ct.sparse_view_angles(6, 360))
+    g = ctg.CTGeometry.create("cone", (8, 16, 16), (1.0, 1.0, 1.0), ctg.sparse_view_angles(6, 360))
     with pytest.raises(DeviceError, match=r"needs a CUDA GPU.*Fix: run on a GPU node or use measure.ct.beam"):
         ct.ConeBeamCT(g)
     with pytest.raises(DeviceError):
@@ -292,8 +293,8 @@ def _smooth_phantom(n: int) -> torch.Tensor:
 @pytest.mark.gpu
 @pytest.mark.parametrize("beam", ["parallel", "fan"])
 def test_gpu_astra_matches_cpu_on_smooth_phantom(beam):
-    g = ct.CTGeometry.create(
-        beam, (96, 96), (0.7, 0.7), ct.sparse_view_angles(40, 360 if beam == "fan" else 180)
+    g = ctg.CTGeometry.create(
+        beam, (96, 96), (0.7, 0.7), ctg.sparse_view_angles(40, 360 if beam == "fan" else 180)
     )
     op = ct.ct_operator(g)  # CPU reference: the sparse matrix
     oa = ct.ct_operator(g, backend="astra")  # on CUDA tensors: ASTRA's CUDA projectors
@@ -310,9 +311,9 @@ def test_gpu_astra_matches_cpu_on_smooth_phantom(beam):
 def test_gpu_cone_central_rows_match_fan_beam():
     """A z-invariant object: the cone beam's central detector row pair averages to the fan-beam sinogram."""
     n, nz = 64, 16
-    angles = ct.sparse_view_angles(30, 360)
-    cone_g = ct.CTGeometry.create("cone", (nz, n, n), (1.0, 1.0, 1.0), angles)
-    fan_g = ct.CTGeometry.create(
+    angles = ctg.sparse_view_angles(30, 360)
+    cone_g = ctg.CTGeometry.create("cone", (nz, n, n), (1.0, 1.0, 1.0), angles)
+    fan_g = ctg.CTGeometry.create(
         "fan",
         (n, n),
         (1.0, 1.0),

@@ -12,7 +12,8 @@ from scipy.ndimage import gaussian_filter
 import medrecon.recon.classical  # noqa: F401  (registers sirt, cgls, tv)
 from medrecon.errors import ConfigError, DeviceError, InputError
 from medrecon.io.phantoms import ct_phantom
-from medrecon.physics.ct import CTGeometry, ct_operator, hu_to_mu, mu_to_hu, sparse_view_angles
+from medrecon.physics.ct import ct_operator
+from medrecon.physics.ct_geometry import CTGeometry, hu_to_mu, mu_to_hu, sparse_view_angles
 from medrecon.physics.noise import ct_poisson_noise
 from medrecon.recon.ct_fbp import fan_projection_coordinates, fbp, fdk, ramp_filter
 from medrecon.recon.registry import METHODS, ReconProblem

@@ -9,7 +9,8 @@ import torch
 from medrecon.errors import ConfigError
 from medrecon.io.phantoms import mr_brain_phantom
 from medrecon.physics.coils import birdcage_coils
-from medrecon.physics.ct import CTGeometry, ct_operator, sparse_view_angles
+from medrecon.physics.ct import ct_operator
+from medrecon.physics.ct_geometry import CTGeometry, sparse_view_angles
 from medrecon.physics.mri import Sense2D, Sense3D, mri_operator_from_config, simulate_kspace
 from medrecon.recon.mri_classical import zero_filled_image
 from medrecon.recon.registry import METHODS, ReconProblem
