@@ -24,7 +24,8 @@ h1{border-bottom:2px solid #444}h2{margin-top:2.2rem;border-bottom:1px solid #bb
 table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;
 text-align:right}th{background:#f1f1f1}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #ddd;margin:.4rem 0}pre{background:#f7f7f7;padding:.8rem;overflow:auto;
-font-size:.78rem}figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}.note{color:#555;font-size:.9rem}
+font-size:.78rem}.wide{overflow-x:auto}figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}
+.note{color:#555;font-size:.9rem}
 """
 
 
@@ -49,6 +50,18 @@ def _summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _paired_display(paired: pd.DataFrame) -> pd.DataFrame:
+    """One row per method, one column per metric: ``mean difference (p)`` (t-test p where computable)."""
+    cells = {}
+    for _, r in paired.iterrows():
+        p = r["t_p"] if not pd.isna(r["t_p"]) else None
+        cells.setdefault(r["method"], {})[r["metric"]] = (
+            f"{r['mean_diff']:+.4g}" + ("" if p is None else f" (p={p:.2g})"))
+    out = pd.DataFrame.from_dict(cells, orient="index")
+    out.insert(0, "vs", paired.groupby("method", sort=False)["baseline"].first().reindex(out.index))
+    return out.reset_index(names="method")
+
+
 def build_report(out: str | Path, *, study: str, config: dict[str, Any],
                  sections: list[tuple[str, Path, Path | None]], figures: list[tuple[Path, str]],
                  inputs: list[dict[str, Any]]) -> Path:
@@ -66,13 +79,15 @@ def build_report(out: str | Path, *, study: str, config: dict[str, Any],
              "peak_rss_mb are the reconstruct job's own; data_residual is ||Ax − y|| / ||y||.</p>"]
     for title, summary_csv, paired_csv in sections:
         parts += [f"<h2>{html.escape(title)}: results per method (mean ± std over subjects)</h2>",
-                  _table(_summary_display(pd.read_csv(summary_csv)))]
+                  "<div class=wide>" + _table(_summary_display(pd.read_csv(summary_csv))) + "</div>"]
         if paired_csv is not None and Path(paired_csv).exists():
             paired = pd.read_csv(paired_csv)
             if not paired.empty:
                 parts += [f"<h3>{html.escape(title)}: paired differences against the baseline</h3>",
-                          "<p class=note>Mean of subject-wise differences (method − baseline); paired t-test and "
-                          "Wilcoxon signed-rank p-values (Wilcoxon from 6 subjects on).</p>", _table(paired)]
+                          "<p class=note>Mean of subject-wise differences (method − baseline), with the paired "
+                          "t-test p-value where there are enough subjects; Wilcoxon signed-rank p-values (from 6 "
+                          "subjects on) are in the paired.csv table.</p>",
+                          "<div class=wide>" + _table(_paired_display(paired)) + "</div>"]
     parts.append("<h2>Figures</h2>")
     parts += [_img(Path(p), cap) for p, cap in figures]
     parts += ["<h2>Inputs and provenance</h2>", "<pre>" + html.escape(json.dumps(inputs, indent=2, default=str))
