@@ -4,7 +4,8 @@ Units. Images are linear attenuation coefficients ``mu`` in 1/mm (:func:`hu_to_m
 and ASTRA is given its volume window and detector spacing in mm, so a projection is a dimensionless line
 integral ``p = integral of mu dl`` (the analytic disk test checks this with 0.5 mm pixels).
 
-Geometry (:class:`CTGeometry` in :mod:`medrecon.physics.ct_geometry`, JSON-able, stored with every measurement). The image ``(Y, X)`` is centred
+Geometry (:class:`CTGeometry` in :mod:`medrecon.physics.ct_geometry`, JSON-able,
+stored with every measurement). The image ``(Y, X)`` is centred
 on the rotation axis. Angles are ASTRA's: at angle ``theta`` the source sits in direction
 ``(sin theta, -cos theta)`` of ASTRA's 2D frame, whose ``y`` axis points to image row 0. Detector bins
 are centred on the central ray. Fan and cone beams have a flat detector; ``detector_spacing`` is measured
