@@ -31,7 +31,7 @@ import zarr
 from medrecon.errors import InputError
 from medrecon.physics.operator import LinearOperator, operator_from_state
 from medrecon.provenance import to_jsonable
-from medrecon.volume import Geometry, atomic_group, create_slab_array, default_chunk_depth
+from medrecon.volume import Geometry, atomic_group, create_slab_array, default_chunk_depth, open_finished_group
 
 FORMAT = "medrecon-measurement/1"
 
@@ -102,18 +102,7 @@ class Measurement:
         p = Path(path)
         if not p.exists():
             raise InputError(f"Measurement store {p} does not exist.", fix="run `medrecon measure` first.")
-        try:
-            group = zarr.open_group(store=str(p), mode="r", zarr_format=3)
-            block = group.attrs.get("medrecon")
-        except Exception as err:  # zarr raises several types for a broken store
-            raise InputError(f"{p} is not a readable zarr v3 store ({err}).",
-                             fix="delete it and re-run `medrecon measure`.") from err
-        if not block or block.get("format") != FORMAT:
-            raise InputError(f"{p} is not a medrecon measurement (no '{FORMAT}' attributes).",
-                             fix="point at a store written by `medrecon measure`.")
-        if not block.get("complete"):
-            raise InputError(f"{p} is incomplete (a job was interrupted while writing it).",
-                             fix="delete it and re-run `medrecon measure`.")
+        group = open_finished_group(p, FORMAT, "measurement", "`medrecon measure`")
         return cls(p, group)
 
     @property

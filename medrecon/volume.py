@@ -267,6 +267,26 @@ class VolumeWriter:
             self.abort()
 
 
+def open_finished_group(path: Path, fmt: str, what: str, producer: str) -> zarr.Group:
+    """Open a finished medrecon zarr group of format ``fmt`` read-only, or raise an InputError saying why not.
+
+    Shared by volumes and measurements: unreadable, foreign and unfinished (interrupted) stores are refused.
+    """
+    try:
+        group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
+        block = group.attrs.get("medrecon")
+    except Exception as err:  # zarr raises several types for a broken store
+        raise InputError(f"{path} is not a readable zarr v3 store ({err}).",
+                         fix=f"delete it and re-run {producer}.") from err
+    if not block or block.get("format") != fmt:
+        raise InputError(f"{path} is not a medrecon {what} (no '{fmt}' attributes).",
+                         fix=f"point at a store written by {producer}.")
+    if not block.get("complete"):
+        raise InputError(f"{path} is incomplete (a job was interrupted while writing it).",
+                         fix=f"delete it and re-run {producer}.")
+    return group
+
+
 class Volume:
     """A finished volume store: lazy zarr array (z, y, x) + geometry + the ``medrecon`` attribute block."""
 
@@ -284,18 +304,10 @@ class Volume:
         if not p.exists():
             raise InputError(f"Volume store {p} does not exist.", fix="run the step that creates it first "
                              "(e.g. `medrecon ingest`).")
-        try:
-            group = zarr.open_group(store=str(p), mode="r", zarr_format=3)
-            block = group.attrs.get("medrecon")
-        except Exception as err:  # zarr raises several types for a broken store
-            raise InputError(f"{p} is not a readable zarr v3 store ({err}).",
-                             fix="delete it and re-run the step that writes it.") from err
-        if not block or block.get("format") != FORMAT or ARRAY not in group:
-            raise InputError(f"{p} is not a medrecon volume (no '{FORMAT}' attributes).",
+        group = open_finished_group(p, FORMAT, "volume", "the step that writes it")
+        if ARRAY not in group:
+            raise InputError(f"{p} is not a medrecon volume (no array '{ARRAY}').",
                              fix="point at a store written by medrecon.")
-        if not block.get("complete"):
-            raise InputError(f"{p} is incomplete (a job was interrupted while writing it).",
-                             fix="delete it and re-run the step that writes it.")
         return cls(p, group)
 
     @classmethod
