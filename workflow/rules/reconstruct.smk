@@ -1,8 +1,8 @@
 def method_config(wildcards):
-    """Only this method's parameters (and the shared reconstruct keys) go to the job: editing one method's
-    parameters reruns that method only."""
+    """Only this method's parameters (and the shared reconstruct keys: seed, device) go to the job: editing one
+    method's parameters, or adding a method, reruns nothing else."""
     rc = config["reconstruct"]
-    sub = {k: v for k, v in rc.items() if k not in ("params", "priors")}
+    sub = {k: v for k, v in rc.items() if k not in ("params", "priors", "methods")}
     sub["params"] = {wildcards.method: rc["params"].get(wildcards.method, {})}
     return json.dumps({"reconstruct": sub}, sort_keys=True)
 
