@@ -10,7 +10,7 @@ rule measure:
         LOGS / "{subject}" / "measure.log",
     benchmark:
         BENCH / "{subject}" / "measure.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
     shell:

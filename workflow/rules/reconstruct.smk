@@ -26,7 +26,7 @@ rule reconstruct:
         LOGS / "{subject}" / "reconstruct_{method}.log",
     benchmark:
         BENCH / "{subject}" / "reconstruct_{method}.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
     shell:

@@ -34,7 +34,7 @@ rule train:
         LOGS / "train_{prior}.log",
     benchmark:
         BENCH / "train_{prior}.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
     shell:
