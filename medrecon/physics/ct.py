@@ -218,7 +218,33 @@ def _gpu_link(t: torch.Tensor) -> Any:
     return astra.data3d.GPULink(t.data_ptr(), x, y, z, t.stride(1) * t.element_size())
 
 
-class _PerSliceCT(LinearOperator):
+class _GeometryAttributes:
+    """The acquisition geometry as attributes, which reconstruction code (FBP/FDK weights) reads."""
+
+    geometry: CTGeometry
+
+    @property
+    def angles(self) -> np.ndarray:
+        return self.geometry.angles_array()
+
+    @property
+    def detector_spacing(self) -> float:
+        return self.geometry.detector_spacing
+
+    @property
+    def detector_count(self) -> int:
+        return self.geometry.detector_count
+
+    @property
+    def source_distance(self) -> float | None:
+        return self.geometry.source_distance
+
+    @property
+    def detector_distance(self) -> float | None:
+        return self.geometry.detector_distance
+
+
+class _PerSliceCT(_GeometryAttributes, LinearOperator):
     """Shared machinery of the per-slice (2D) CT operators; see the module docstring for the paths."""
 
     beam: ClassVar[str] = ""
@@ -258,30 +284,9 @@ class _PerSliceCT(LinearOperator):
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _delete_projectors, self._cuda_pids, [])
 
-    # geometry for reconstruction code
-    @property
-    def angles(self) -> np.ndarray:
-        return self.geometry.angles_array()
-
-    @property
-    def detector_spacing(self) -> float:
-        return self.geometry.detector_spacing
-
-    @property
-    def detector_count(self) -> int:
-        return self.geometry.detector_count
-
     @property
     def pixel_size(self) -> float:
         return self.geometry.pixel_size
-
-    @property
-    def source_distance(self) -> float | None:
-        return self.geometry.source_distance
-
-    @property
-    def detector_distance(self) -> float | None:
-        return self.geometry.detector_distance
 
     @property
     def uses_matrix(self) -> bool:
@@ -521,7 +526,7 @@ def require_cone_gpu() -> None:
 
 
 @register_operator("ct-cone")
-class ConeBeamCT(LinearOperator):
+class ConeBeamCT(_GeometryAttributes, LinearOperator):
     """Cone-beam CT, circular orbit about z, flat detector: ``(..., Z, Y, X) -> (..., rows, views, cols)``.
 
     CUDA only (ASTRA ``cuda3d`` with a ``cone_vec`` geometry on GPULink-ed torch memory). The output
@@ -545,22 +550,6 @@ class ConeBeamCT(LinearOperator):
         self._lock = threading.Lock()
         self._pids: dict[tuple, int] = {}
         self._finalizer = weakref.finalize(self, _delete_projectors, self._pids, [])
-
-    @property
-    def angles(self) -> np.ndarray:
-        return self.geometry.angles_array()
-
-    @property
-    def detector_spacing(self) -> float:
-        return self.geometry.detector_spacing
-
-    @property
-    def source_distance(self) -> float | None:
-        return self.geometry.source_distance
-
-    @property
-    def detector_distance(self) -> float | None:
-        return self.geometry.detector_distance
 
     def _projector(self) -> int:  # pragma: no cover - GPU only
         import astra
