@@ -244,8 +244,9 @@ def run_method(work: Path, row: str, method: str, modality: str, setting: float,
     cfg = study_config(modality, setting, device)
     cfg["reconstruct"]["params"] = {method: params}
     key = _digest({"params": params, "prior": prior, "method": method})
-    rdir = work / "recon" / _tag(modality, setting) / row.replace("[", "_").replace("]", "")
-    docs_path = rdir / f"metrics_{key}.json"
+    # One folder per (row, params, prior): concurrent runs with different params never share a job file.
+    rdir = work / "recon" / _tag(modality, setting) / row.replace("[", "_").replace("]", "") / key
+    docs_path = rdir / "metrics.json"
     if docs_path.exists():
         return json.loads(docs_path.read_text())
     rdir.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,19 @@ def _reconstruct_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="method name, e.g. fbp, sirt, tv, sense, dps, dds")
     p.add_argument("--prior", nargs="+", help="prior checkpoint(s) for diffusion methods (ReSample: autoencoder "
                    "then latent prior)")
+    p.add_argument("--part", type=_part, help="I/N: reconstruct only job I (0-based) of N over the slab plan "
+                   "(reconstruct.slab); OUT is then a folder of slab volumes for `medrecon gather`")
     _config_arg(p)
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--part {text}: need 0 <= I < N")
+    return i, n
 
 
 @_reconstruct_args.run
@@ -181,8 +193,23 @@ def _reconstruct(a: argparse.Namespace) -> int:
     from medrecon import config as cfgmod
     from medrecon.reconstruct import reconstruct
 
-    vol = reconstruct(a.measurement, a.out, a.method, cfgmod.load(a.config), prior_path=a.prior)
-    print(vol.path)
+    out = reconstruct(a.measurement, a.out, a.method, cfgmod.load(a.config), prior_path=a.prior, part=a.part)
+    print(getattr(out, "path", out))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- gather
+@verb("gather", "blend the slab volumes of `reconstruct --part` jobs into one reconstruction volume")
+def _gather_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("parts", nargs="+", help="folders written by `medrecon reconstruct --part I/N`")
+    p.add_argument("out", help="output volume (.zarr)")
+
+
+@_gather_args.run
+def _gather(a: argparse.Namespace) -> int:
+    from medrecon.reconstruct import gather_parts
+
+    print(gather_parts(a.parts, a.out).path)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from medrecon.errors import ConfigError, DeviceError
+from medrecon.errors import ConfigError, DeviceError, InputError
 from medrecon.measurement import Measurement
-from medrecon.provenance import provenance
+from medrecon.provenance import config_hash, provenance
 from medrecon.recon.registry import METHOD_MODALITIES, METHODS, ReconProblem
-from medrecon.volume import Volume
+from medrecon.recon.slabs import (
+    Slab,
+    find_slabs,
+    gather,
+    merge_records,
+    part_slabs,
+    plan_slabs,
+    slab_settings,
+    sub_geometry,
+)
+from medrecon.volume import Volume, replace_dir
 
 log = logging.getLogger("medrecon.reconstruct")
 
@@ -84,12 +95,90 @@ def to_output_units(samples: torch.Tensor, measurement: Measurement) -> np.ndarr
     return (x.abs() if x.is_complex() else x).numpy().astype(np.float32)
 
 
+def volume_stats(meas: Measurement, op: Any, plan: list[Slab], device: torch.device) -> dict[str, float]:
+    """Whole-volume statistics that slab-wise methods need to behave as on the whole volume (one adjoint per
+    slab, streamed): ``adjoint_abs_max`` = ||A^H y||_inf, the scale of TV's relative weight."""
+    top = 0.0
+    with torch.no_grad():
+        for s in plan:
+            sub = op.slab(s.start, s.stop) if hasattr(op, "slab") else op
+            y = torch.from_numpy(meas.read_slab(s.start, s.stop)).to(device)
+            top = max(top, float(sub.adjoint(y).abs().max()))
+    return {"adjoint_abs_max": top}
+
+
+def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, device: torch.device,
+                  stats: dict[str, float] | None = None) -> ReconProblem:
+    """The inverse problem of one slab (for a per-slice operator: slices lo..hi-1 and their data)."""
+    z, y_, x_ = meas.image_shape
+    if per_slice and (slab.lo, slab.hi) != (0, z):
+        op = op.slab(slab.lo, slab.hi) if hasattr(op, "slab") else op
+        y = torch.from_numpy(meas.read_slab(slab.lo, slab.hi)).to(device)
+        shape = (slab.hi - slab.lo, y_, x_)
+    else:
+        y = torch.from_numpy(meas.read()).to(device)
+        shape = meas.image_shape
+    problem = ReconProblem(y=y, operator=op, modality=meas.modality, image_shape=shape,
+                           noise_std=meas.meta.get("noise", {}).get("std"),
+                           meta={**meas.meta, "spacing": list(meas.image_geometry.spacing),
+                                 "slab": {"range": [slab.start, slab.stop, slab.lo, slab.hi]},
+                                 "volume_stats": stats or {}})
+    return problem
+
+
+def _solve(method: str, problem: ReconProblem, params: dict, prior: Any, generator: torch.Generator,
+           device: torch.device, core: slice) -> tuple[Any, dict[str, Any]]:
+    """Run the method on one problem; its record (time, memory, NFE, residual on the core slices)."""
+    from medrecon.metrics import data_residual
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    result = load_methods()[method](problem, params, prior, generator)
+    runtime = time.perf_counter() - t0
+    mean = result.samples.mean(dim=0)
+    y_core = problem.y[core]
+    den = float(y_core.abs().double().pow(2).sum())
+    resid = data_residual(problem.operator, mean[core], y_core)
+    record = {
+        "runtime_s": runtime,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "cuda_max_allocated_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+        "nfe": int(result.nfe),
+        "samples": int(result.samples.shape[0]),
+        "data_residual": resid,
+        "residual_num": resid**2 * den, "residual_den": den,
+    }
+    return result, record
+
+
+def _write(out: Path, images: np.ndarray, geometry: Any, meta: dict[str, Any]) -> None:
+    """Posterior mean as the volume; the std beside it (``<out>/std``) when there are several samples."""
+    with Volume.create(out, images.shape[1:], geometry, meta) as w:
+        w.write(images.mean(axis=0))
+        if images.shape[0] > 1:
+            with w.child("std", {**meta, "kind": "posterior_std"}) as c:
+                c.write(images.std(axis=0, ddof=1))
+
+
+def _slab_generator(seed: int, slab: Slab, n_slabs: int) -> torch.Generator:
+    """Sampler noise: the job seed for a whole volume; for slab i its own stream (seed, i), so the result does
+    not depend on how slabs are grouped into jobs."""
+    if n_slabs == 1:
+        return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, slab.index]).generate_state(1)[0]))
+
+
 def reconstruct(measurement_path: str | Path, out: str | Path, method: str, config: dict[str, Any],
-                prior_path: str | Path | list[str | Path] | None = None) -> Volume:
+                prior_path: str | Path | list[str | Path] | None = None,
+                part: tuple[int, int] | None = None) -> Volume | Path:
     """Reconstruct ``measurement_path`` with ``method`` (config['reconstruct']) into the Volume ``out``.
 
     ``prior_path`` is one checkpoint, or several for methods whose prior has several parts (ReSample:
-    autoencoder then latent prior).
+    autoencoder then latent prior). Per-slice geometries are reconstructed slab by slab
+    (``reconstruct.slab``, see :mod:`medrecon.recon.slabs`): finished slabs are kept in ``<out>.slabs/`` until
+    the blended volume is written, so an interrupted job resumes from its last finished slab. With
+    ``part=(i, n)`` only job i of n runs and ``out`` is a folder of slab volumes for :func:`gather_parts`.
     """
     methods = load_methods()
     if method not in methods:
@@ -101,12 +190,14 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
                           fix=f"list it under reconstruct.methods.{METHOD_MODALITIES[method][0]} instead.")
     rcfg = config["reconstruct"]
     params = dict(rcfg.get("params", {}).get(method, {}))
+    settings = slab_settings(rcfg)
     device = pick_device(rcfg.get("device", "auto"))
     seed = int(rcfg.get("seed", 0))
-    # Sampler noise is drawn on the CPU and moved: the same seed gives the same noise on any device.
-    generator = torch.Generator().manual_seed(seed)
-    prior = None
+    op = meas.operator(device)
+    per_slice = len(op.in_shape) == 2
+    plan = plan_slabs(meas.image_shape[0], settings["size"], settings["halo"], per_slice)
     paths = [] if prior_path is None else [prior_path] if isinstance(prior_path, str | Path) else list(prior_path)
+    prior = None
     if paths:
         load = prior_loader(method)
         # Methods work in the operator's image domain: attenuation (1/mm) for CT, the native image for MR.
@@ -115,42 +206,88 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
                          mu_water=float(meas.meta["operator_units"]["mu_water"]))
         else:
             prior = load(*paths, device=device, expect_modality="MR")
-
-    op = meas.operator(device)
-    y = torch.from_numpy(meas.read()).to(device)
-    problem = ReconProblem(y=y, operator=op, modality=meas.modality, image_shape=meas.image_shape,
-                           noise_std=meas.meta.get("noise", {}).get("std"),
-                           meta={**meas.meta, "spacing": list(meas.image_geometry.spacing)})
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    result = methods[method](problem, params, prior, generator)
-    runtime = time.perf_counter() - t0
-    record = {
-        "runtime_s": runtime,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "cuda_max_allocated_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
-        "nfe": int(result.nfe),
-        "samples": int(result.samples.shape[0]),
-    }
-    from medrecon.metrics import data_residual
-
-    record["data_residual"] = data_residual(op, result.samples.mean(dim=0), y)
-    log.info("%s on %s: %.2f s, NFE %d, residual %.4f", method, measurement_path, runtime, result.nfe,
-             record["data_residual"])
-    images = to_output_units(result.samples, meas)
-    mean = images.mean(axis=0)
     meta = {
         "modality": meas.modality,
         "units": "HU" if meas.modality == "CT" else meas.meta.get("image_units", "arbitrary"),
-        "kind": "reconstruction", "method": method, "params": params, "record": record, "info": result.info,
+        "kind": "reconstruction", "method": method, "params": params,
         "measurement": str(measurement_path), "prior": [str(p) for p in paths] or None,
         "provenance": provenance({"reconstruct": rcfg, "method": method}, seeds={"reconstruct": seed},
                                  device=str(device)),
     }
-    with Volume.create(out, mean.shape, meas.image_geometry, meta) as w:
-        w.write(mean)
-        if images.shape[0] > 1:
-            with w.child("std", {**meta, "kind": "posterior_std"}) as c:
-                c.write(images.std(axis=0, ddof=1))
-    return Volume.open(out)
+    # What makes a finished slab reusable on a re-run: everything that changes its numbers.
+    digest = config_hash({"reconstruct": rcfg, "method": method, "measurement": meas.meta.get("provenance"),
+                          "priors": [(str(p), Path(p).stat().st_mtime_ns) for p in paths]})
+    out = Path(out)
+    todo = plan if part is None else part_slabs(plan, *part)
+    folder = out.with_name(out.name + ".slabs") if part is None else _tmp_folder(out)
+    if part is None and len(plan) == 1:
+        folder = None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    slab_meta: dict[str, Any] = {}
+    stats = None
+    for slab in todo:
+        target = None if folder is None else folder / slab.name
+        if target is not None and _finished_slab(target, digest):
+            log.info("%s: slab %d already finished (%s)", method, slab.index, target)
+            continue
+        if stats is None and len(plan) > 1:
+            stats = volume_stats(meas, op, plan, device)
+        problem = _slab_problem(meas, op, slab, per_slice, device, stats)
+        core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
+        result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),
+                                device, core)
+        log.info("%s on %s slab %d/%d (slices %d..%d): %.2f s, NFE %d, residual %.4f", method, measurement_path,
+                 slab.index + 1, len(plan), slab.lo, slab.hi - 1, record["runtime_s"], record["nfe"],
+                 record["data_residual"])
+        images = to_output_units(result.samples, meas)
+        if target is None:       # the whole volume in one piece
+            _write(out, images, meas.image_geometry, {**meta, "record": record, "info": result.info})
+            return Volume.open(out)
+        slab_meta = {**meta, "record": record, "info": result.info, "config_digest": digest,
+                     "slab": {"index": slab.index, "count": len(plan), "depth": meas.image_shape[0],
+                              "range": [slab.start, slab.stop, slab.lo, slab.hi], "halo": settings["halo"],
+                              "volume_geometry": meas.image_geometry.to_dict()}}
+        _write(target, images, sub_geometry(meas.image_geometry, slab.lo), slab_meta)
+    if part is not None:
+        replace_dir(folder, out)
+        return out
+    vol = gather_parts([folder], out, base_meta=meta)
+    shutil.rmtree(folder, ignore_errors=True)
+    return vol
+
+
+def _tmp_folder(out: Path) -> Path:
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _finished_slab(path: Path, digest: str | None) -> bool:
+    """A slab volume from an earlier (interrupted) run of the same configuration."""
+    if not path.exists():
+        return False
+    try:
+        vol = Volume.open(path)
+    except InputError:
+        shutil.rmtree(path, ignore_errors=True)     # unfinished: redo it
+        return False
+    return digest is not None and vol.meta.get("config_digest") == digest
+
+
+def gather_parts(folders: list[str | Path], out: str | Path, base_meta: dict[str, Any] | None = None) -> Volume:
+    """Blend the slab volumes found in ``folders`` into the volume ``out`` (the gather of a scattered run)."""
+    slabs = find_slabs([Path(f) for f in folders])
+    if not slabs:
+        raise InputError(f"no slab volumes in {', '.join(map(str, folders))}.",
+                         fix="run `medrecon reconstruct --part I/N` for every part first.")
+    first = slabs[min(slabs)].meta
+    keep = ("modality", "units", "kind", "method", "params", "measurement", "prior", "provenance")
+    meta = dict(base_meta) if base_meta else {k: first[k] for k in keep if k in first}
+    ordered = [slabs[i] for i in sorted(slabs)]
+    meta["record"] = merge_records([v.meta["record"] for v in ordered])
+    meta["info"] = {"slabs": [{"range": v.meta["slab"]["range"], **(v.meta.get("info") or {})} for v in ordered],
+                    "halo": first["slab"]["halo"]}
+    log.info("gathering %d slabs into %s (data residual %.4f)", len(slabs), out, meta["record"]["data_residual"])
+    return gather(slabs, out, meta)

@@ -122,7 +122,7 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``, replacing an existing ``final`` (never leaving neither)."""
     if final.exists():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -150,7 +150,7 @@ def atomic_group(path: str | Path) -> Iterator[zarr.Group]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
 
 
 def create_slab_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any = "float32",
@@ -250,7 +250,7 @@ class VolumeWriter:
                                   "medrecon": to_jsonable(block)})
         # The completion flag goes last: a store without it is unfinished by definition.
         self._group.attrs["medrecon"] = {**self._group.attrs["medrecon"], "complete": True}
-        _replace_dir(self._tmp, self.path)
+        replace_dir(self._tmp, self.path)
         return Volume.open(self.path)
 
     def abort(self) -> None:
