@@ -11,6 +11,7 @@ class MedreconError(Exception):
     """Base class for errors caused by input, configuration or environment (not by bugs)."""
 
     def __init__(self, message: str, *, path: object | None = None, fix: str | None = None) -> None:
+        self.message = message  # without path and fix, so a caller can re-raise it with more context
         self.path = None if path is None else str(path)
         self.fix = fix
         parts = [message]

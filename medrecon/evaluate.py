@@ -10,14 +10,19 @@ samples, the coverage of the posterior std is reported next to the accuracy.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from medrecon import metrics
 from medrecon.errors import InputError
+from medrecon.measure import volume_fingerprint
+from medrecon.measurement import Measurement
 from medrecon.provenance import provenance, to_jsonable
 from medrecon.volume import Volume
+
+log = logging.getLogger("medrecon.evaluate")
 
 
 def window_for(ref: Volume, cfg: dict[str, Any]) -> tuple[float, float]:
@@ -29,15 +34,43 @@ def window_for(ref: Volume, cfg: dict[str, Any]) -> tuple[float, float]:
     return metrics.robust_range(ref, p_lo, p_hi)
 
 
+def source_measurement(rec: Volume) -> Measurement | None:
+    """The measurement a reconstruction was made from, when its store is still there (it may be deleted)."""
+    path = rec.meta.get("measurement")
+    try:
+        return Measurement.open(path) if path else None
+    except InputError as err:
+        log.info("cannot check which volume %s was measured from: %s", rec.path, err)
+        return None
+
+
+def check_same_volume(reference: Volume, rec: Volume) -> None:
+    """Refuse to score a reconstruction against a volume other than the one its measurement was made from.
+
+    Different grids are always refused; on the same grid the measurement's ``reference_fingerprint`` (see
+    :func:`medrecon.measure.volume_fingerprint`) must match the reference's, when the measurement is there.
+    """
+    meas = source_measurement(rec)
+    origin = (f" It was reconstructed from measurement {meas.path}, made from volume "
+              f"{meas.meta.get('reference_volume')}." if meas else "")
+    fix = "evaluate against the volume that was measured, or re-run measure and reconstruct on this reference."
+    if reference.shape != rec.shape or not reference.geometry.isclose(rec.geometry):
+        raise InputError(
+            f"Reconstruction {rec.path} (shape {rec.shape}, spacing {rec.geometry.spacing}) is not on the grid of "
+            f"its reference {reference.path} (shape {reference.shape}, spacing {reference.geometry.spacing})."
+            + origin, path=reference.path, fix=fix)
+    stored = meas.meta.get("reference_fingerprint") if meas else None
+    if stored is not None and stored != volume_fingerprint(reference):
+        raise InputError(f"Reference {reference.path} is not the volume that was measured for {rec.path}: same "
+                         f"grid, different content (or a different ingest of it).{origin}", path=reference.path,
+                         fix=fix)
+
+
 def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dict[str, Any],
              subject: str, method: str) -> dict[str, Any]:
     """Compute the metrics of ``recon`` against ``reference`` and write them to the JSON ``out``."""
     ref, rec = Volume.open(reference), Volume.open(recon)
-    if ref.shape != rec.shape or not ref.geometry.isclose(rec.geometry):
-        raise InputError(
-            f"Reconstruction {recon} (shape {rec.shape}, spacing {rec.geometry.spacing}) is not on the grid of its "
-            f"reference {reference} (shape {ref.shape}, spacing {ref.geometry.spacing}).",
-            fix="reconstruct from a measurement of this reference volume (re-run measure and reconstruct).")
+    check_same_volume(ref, rec)
     window = window_for(ref, cfg)
     mask = cfg["evaluate"]["mask"]
     threshold = metrics.default_body_threshold(ref.modality, window)

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from medrecon.errors import ConfigError
+from medrecon.errors import ConfigError, DeviceError, InputError
 from medrecon.measurement import measurement_writer
 from medrecon.physics.operator import LinearOperator
-from medrecon.provenance import provenance
+from medrecon.provenance import config_hash, provenance
 from medrecon.volume import Volume
 
 log = logging.getLogger("medrecon.measure")
@@ -32,13 +32,45 @@ def _per_slice(op: LinearOperator, shape: tuple[int, int, int]) -> bool:
     return len(op.in_shape) == 2 and tuple(op.in_shape) == tuple(shape[1:])
 
 
+def _finite(vol: Volume, z0: int, data: np.ndarray) -> np.ndarray:
+    """``data`` (slices from ``z0``) if it has no NaN/Inf; else an InputError naming the volume and slices."""
+    bad = ~np.isfinite(data)
+    if bad.any():
+        zs = np.flatnonzero(bad.reshape(len(data), -1).any(axis=1)) + z0
+        raise InputError(f"Volume {vol.path} has {int(bad.sum())} NaN/Inf voxels (slices {zs[:10].tolist()}); "
+                         "a measurement of it would be meaningless.", path=vol.path,
+                         fix="fix or mask those voxels, then re-run ingest (NaN has no physical meaning).")
+    return data
+
+
 def _slabs(vol: Volume, op: LinearOperator):
     """(z0, z1, data) slabs: the volume's chunk depth for per-slice operators, else the whole volume."""
     if _per_slice(op, vol.shape):
         for (z0, z1, _lo, _hi), data in vol.iter_slabs():
-            yield z0, z1, data
+            yield z0, z1, _finite(vol, z0, data)
     else:
-        yield 0, vol.shape[0], vol.read()
+        yield 0, vol.shape[0], _finite(vol, 0, vol.read())
+
+
+def volume_fingerprint(vol: Volume) -> str:
+    """Identity of a volume's content: the hash of its attributes without provenance (source file hashes,
+    geometry, value range, phantom parameters), so a copied store matches and a re-made one with the same
+    content too, while a measurement checked against another volume of the same grid does not."""
+    return config_hash({k: v for k, v in vol.meta.items() if k != "provenance"})
+
+
+def _require_cone_device(vol: Volume, device: torch.device) -> None:
+    """Cone beam exists only on ASTRA CUDA; say so (naming the key) before any ASTRA 3D call."""
+    from medrecon.physics.ct import CONE_FIX, CONE_NEEDS_GPU, require_cone_gpu
+
+    try:
+        require_cone_gpu()
+    except DeviceError as err:
+        raise DeviceError(f"measure.ct.beam is 'cone' for {vol.path}, but {CONE_NEEDS_GPU}", path=vol.path,
+                          fix=CONE_FIX) from err
+    if device.type != "cuda":
+        raise DeviceError(f"measure.ct.beam is 'cone' for {vol.path}, but the measure device is {device}; "
+                          "cone beam runs on CUDA only.", path=vol.path, fix="run with --device auto (or cuda).")
 
 
 def measure_ct(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: torch.device) -> Path:
@@ -48,6 +80,8 @@ def measure_ct(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: t
 
     ct = cfg["measure"]["ct"]
     geom = CTGeometry.from_config(ct, vol.shape, vol.geometry.spacing)
+    if geom.beam == "cone":
+        _require_cone_device(vol, device)
     op = ct_operator(geom)
     per_slice = _per_slice(op, vol.shape)
     y_shape = (vol.shape[0], *op.out_shape) if per_slice else tuple(op.out_shape)
@@ -106,7 +140,7 @@ def _measure_mr_whole(vol: Volume, out: Path, cfg: dict[str, Any], op: LinearOpe
     from medrecon.physics.noise import mri_gaussian_noise
 
     mr = cfg["measure"]["mr"]
-    k = simulate_kspace(vol.read(), op, smooth_phase(vol.shape, seed))
+    k = simulate_kspace(_finite(vol, 0, vol.read()), op, smooth_phase(vol.shape, seed))
     noise = {"model": "none"}
     if mr.get("snr_db") is not None:
         k, sigma, rec = mri_gaussian_noise(k, float(mr["snr_db"]), seed=seed, mask=(k != 0))
@@ -125,7 +159,8 @@ def _measure_mr_whole(vol: Volume, out: Path, cfg: dict[str, Any], op: LinearOpe
 def _meta(vol: Volume, cfg: dict[str, Any], seed: int, noise: dict, **extra: Any) -> dict[str, Any]:
     return {
         "modality": vol.modality, "image_geometry": vol.geometry.to_dict(), "image_shape": list(vol.shape),
-        "reference_volume": str(vol.path), "noise": noise, "seeds": {"measure": seed},
+        "reference_volume": str(vol.path), "reference_fingerprint": volume_fingerprint(vol),
+        "noise": noise, "seeds": {"measure": seed},
         "provenance": provenance({"measure": cfg["measure"]}, seeds={"measure": seed}), **extra,
     }
 

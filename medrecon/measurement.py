@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import zarr
 
-from medrecon.errors import InputError
+from medrecon.errors import InputError, MedreconError
 from medrecon.physics.operator import LinearOperator, operator_from_state
 from medrecon.provenance import to_jsonable
 from medrecon.volume import Geometry, atomic_group, create_slab_array, default_chunk_depth, open_finished_group
@@ -122,10 +122,43 @@ class Measurement:
         return {name: np.asarray(arr[...]) for name, arr in ops.arrays()}
 
     def operator(self, device: torch.device | str = "cpu") -> LinearOperator:
-        """Rebuild the forward operator saved with the data."""
+        """Rebuild the forward operator saved with the data, checked against the data and image shapes."""
         op = self.meta["operator"]
         _register_all()
-        return operator_from_state(op["kind"], op["params"], self.operator_arrays(), device=device)
+        try:
+            rebuilt = operator_from_state(op["kind"], op["params"], self.operator_arrays(), device=device)
+        except MedreconError as err:  # e.g. a cone-beam (GPU-only) measurement opened on a CPU machine
+            raise type(err)(f"Cannot rebuild the {op['kind']} operator of measurement {self.path}: {err.message}",
+                            path=self.path, fix=err.fix) from err
+        self._check_geometry(rebuilt)
+        return rebuilt
+
+    def _check_geometry(self, op: LinearOperator) -> None:
+        """The stored data, image shape and voxel spacing must be the ones the operator maps between.
+
+        Per-slice operators map one ``(Y, X)`` slice and the data carries slices first; 3D operators map the
+        whole volume. Measured data written by hand can disagree, and would otherwise fail deep inside a
+        method (or, for a wrong pixel size, silently give wrong intensities).
+        """
+        image, y_shape = self.image_shape, tuple(self.y.shape)
+        per_slice = len(op.in_shape) == 2
+        want_image = tuple(image[1:]) if per_slice else tuple(image)
+        want_y = (image[0], *op.out_shape) if per_slice else tuple(op.out_shape)
+        problems = []
+        if tuple(op.in_shape) != want_image:
+            problems.append(f"its operator maps images of shape {tuple(op.in_shape)}, but the image is {image}")
+        if y_shape != want_y:
+            problems.append(f"the data have shape {y_shape}, but the operator gives {want_y}")
+        spacing = getattr(getattr(op, "geometry", None), "spacing", None)
+        if spacing is not None:
+            image_spacing = self.image_geometry.spacing[-len(spacing):]
+            if not np.allclose(spacing, image_spacing, rtol=1e-4):
+                problems.append(f"its operator has pixel spacing {tuple(spacing)} mm, but the image has "
+                                f"{tuple(image_spacing)} mm")
+        if problems:
+            raise InputError(f"Measurement {self.path} is inconsistent: " + "; ".join(problems) + ".",
+                             path=self.path, fix="re-run `medrecon measure` on the volume (or write measured data "
+                                                 "with the geometry of the image it belongs to).")
 
     def read(self) -> np.ndarray:
         return np.asarray(self.y[...])

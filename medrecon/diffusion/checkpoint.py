@@ -39,7 +39,7 @@ import torch
 from medrecon.diffusion.networks import build_autoencoder, build_unet
 from medrecon.diffusion.normalisation import prior_affine, validate_normalisation
 from medrecon.diffusion.schedules import EDMSchedule, VPSchedule, schedule_from_dict
-from medrecon.errors import InputError
+from medrecon.errors import ConfigError, InputError
 
 FORMAT = "medrecon-prior/1"
 RESUME_FORMAT = "medrecon-resume/1"
@@ -193,6 +193,21 @@ def _norm_matches(expected: dict[str, Any], found: dict[str, Any]) -> bool:
     return True
 
 
+def _check_stored_normalisation(path: Path, c: dict[str, Any]) -> None:
+    """The stored normalisation must suit the stored modality and be usable as is (an MR percentile fitted
+    over the training set); otherwise the prior would see intensities on a scale it was never trained on."""
+    norm, modality = c["normalisation"], c["modality"]
+    try:
+        norm = validate_normalisation(norm, modality)
+    except ConfigError as err:
+        raise InputError(f"prior checkpoint {path} ({modality}) stores a normalisation that does not fit it: "
+                         f"{err.message}", path=path, fix="re-train the prior (`medrecon train`)") from err
+    if norm["kind"] == "mr_percentile" and norm["scope"] == "dataset" and norm["value"] is None:
+        raise InputError(f"prior checkpoint {path} stores an MR percentile normalisation without its fitted "
+                         "value, so images cannot be put on the scale it was trained on.", path=path,
+                         fix="re-train the prior (`medrecon train` fits the value on the training volumes)")
+
+
 def load_checkpoint(path: str | Path, expect_modality: str | None = None, expect_kind: str | None = None,
                     expect_normalisation: dict[str, Any] | None = None, device: torch.device | str = "cpu",
                     ema: bool = True) -> LoadedPrior:
@@ -213,6 +228,7 @@ def load_checkpoint(path: str | Path, expect_modality: str | None = None, expect
     if expect_modality is not None and c["modality"] != expect_modality:
         raise _mismatch(p, "modality", expect_modality, c["modality"],
                         f"use a prior trained on {expect_modality} volumes (or train one)")
+    _check_stored_normalisation(p, c)
     if expect_kind is not None and c["kind"] != expect_kind:
         raise _mismatch(p, "prior kind", expect_kind, c["kind"],
                         f"this method needs a '{expect_kind}' prior; point the config at one")

@@ -54,6 +54,7 @@ import scipy.ndimage
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
 
+from medrecon.budget import check_ingest_budget
 from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import file_sha256, provenance
 from medrecon.volume import Geometry, Volume
@@ -644,14 +645,15 @@ def _meta(plan: VolumePlan, options: DicomOptions, scanned: ScanResult, meta_ext
 
 def ingest_dicom(src: str | Path, out: str | Path, options: DicomOptions | None = None,
                  series: str | None = None, timepoint: int | None = None,
-                 meta_extra: dict[str, Any] | None = None) -> list[Path]:
+                 meta_extra: dict[str, Any] | None = None, memory_mb: float | None = None) -> list[Path]:
     """Ingest DICOM under ``src`` into ``out``: one ``.zarr`` store, or a directory with one store per volume.
 
     With ``out`` ending in ``.zarr`` exactly one volume must result (choose with ``series`` =
     SeriesInstanceUID or SeriesNumber, and ``timepoint`` (0-based) for a split 4D series). Otherwise ``out``
     is a directory and every series (and time point) becomes ``out/<SeriesNumber>_<description>[_t<k>].zarr``.
     All geometry is checked before any pixel is read; nothing is left at ``out`` when the ingest fails.
-    A ``modality`` in ``meta_extra`` must agree with the DICOM Modality tag.
+    A ``modality`` in ``meta_extra`` must agree with the DICOM Modality tag. ``memory_mb`` (config
+    ``memory_mb``) refuses a series whose working set would not fit (:func:`medrecon.budget.check_ingest_budget`).
     """
     options = options or DicomOptions()
     src, out = Path(src), Path(out)
@@ -659,8 +661,10 @@ def ingest_dicom(src: str | Path, out: str | Path, options: DicomOptions | None 
     if not scanned.series:
         listing = "; ".join(f"{p.name}: {why}" for p, why in scanned.skipped[:10])
         more = f" (and {len(scanned.skipped) - 10} more)" if len(scanned.skipped) > 10 else ""
-        raise InputError(f"No DICOM images found under {src}; {len(scanned.skipped)} files skipped: "
-                         f"{listing}{more}.", fix="point at a folder (or file) that holds DICOM image files.")
+        found = (f"{len(scanned.skipped)} files skipped: {listing}{more}" if scanned.skipped
+                 else "it holds no files")
+        raise InputError(f"No DICOM images found under {src}; {found}.",
+                         fix="point at a folder (or file) that holds DICOM image files.")
     chosen = _select(scanned, series)
     single = out.name.endswith(".zarr")
     if single and len(chosen) > 1:
@@ -679,6 +683,8 @@ def ingest_dicom(src: str | Path, out: str | Path, options: DicomOptions | None 
     if single and len(plans) > 1:
         raise InputError(f"{chosen[0].label} has {len(plans)} time points but {out} is one volume.",
                          fix=f"pass `timepoint` (0..{len(plans) - 1}) or give a directory as output.")
+    for p in plans:
+        check_ingest_budget(f"DICOM {p.series.label}", p.shape, memory_mb)
     metas = [_meta(p, options, scanned, meta_extra or {}) for p in plans]
     if single:
         return [write_plan(plans[0], out, metas[0])]

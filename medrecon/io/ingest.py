@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from medrecon.budget import check_ingest_budget
 from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import provenance
 from medrecon.volume import Volume
@@ -30,14 +33,21 @@ def input_format(src: str | Path) -> str:
     return "dicom"
 
 
-def copy_volume(src: Path, out: Path, meta_extra: dict[str, Any] | None = None) -> list[Path]:
+def copy_volume(src: Path, out: Path, meta_extra: dict[str, Any] | None = None,
+                memory_mb: float | None = None) -> list[Path]:
     """Copy a medrecon volume slab by slab (re-stamping provenance), e.g. a generated phantom."""
     vol = Volume.open(src)
+    check_ingest_budget(src, vol.shape, memory_mb)
     meta = {k: v for k, v in vol.meta.items() if k not in ("format", "geometry", "value_range", "complete")}
     meta["source_volume"] = {"path": str(src), "provenance": vol.meta.get("provenance")}
     meta.update(meta_extra or {})
     with Volume.create(out, vol.shape, vol.geometry, meta, vol.chunk_depth) as w:
-        for (start, _stop, _lo, _hi), data in vol.iter_slabs():
+        for (start, stop, _lo, _hi), data in vol.iter_slabs():
+            bad = int((~np.isfinite(data)).sum())
+            if bad:  # a store written with allow_nonfinite: name the source, not the output being written
+                raise InputError(f"{src} has {bad} NaN/Inf voxels in slices {start}..{stop - 1}.", path=src,
+                                 fix="fix or mask those voxels before ingest (NaN has no meaning for a "
+                                     "reconstruction).")
             w.write_slab(start, data)
     return [out]
 
@@ -65,10 +75,14 @@ def parse_phantom_spec(spec: str) -> dict[str, Any]:
 def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality: str | None = None,
            series: str | None = None, timepoint: int | None = None) -> list[Path]:
     """Ingest ``src`` into ``out`` (one ``.zarr`` store, or a directory of stores) per ``config['ingest']``."""
+    memory_mb = config.get("memory_mb")
     if input_format(src) == "phantom":
         from medrecon.io.phantoms import write_phantom_volume
 
-        return [write_phantom_volume(**parse_phantom_spec(str(src)), out_zarr=out)]
+        spec = parse_phantom_spec(str(src))
+        if len(spec["shape"]) == 3:  # a malformed shape is write_phantom_volume's error to report
+            check_ingest_budget(src, spec["shape"], memory_mb)
+        return [write_phantom_volume(**spec, out_zarr=out)]
     src, out = Path(src), Path(out)
     if not src.exists():
         raise InputError(f"Input {src} does not exist.", fix="check the subject's 'input' path in the config.")
@@ -78,13 +92,14 @@ def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality
         meta_extra["modality"] = modality
     fmt = input_format(src)
     if fmt == "zarr":
-        return copy_volume(src, out, meta_extra)
+        return copy_volume(src, out, meta_extra, memory_mb)
     if fmt == "nifti":
         from medrecon.io.nifti import ingest_nifti
 
         return ingest_nifti(src, out, on_4d=opts.get("on_4d", "error"), timepoint=timepoint,
-                            meta_extra=meta_extra)
+                            meta_extra=meta_extra, memory_mb=memory_mb)
     from medrecon.io.dicom import DicomOptions, ingest_dicom
 
     options = DicomOptions(**{k: v for k, v in opts.items() if k in DicomOptions.__dataclass_fields__})
-    return ingest_dicom(src, out, options, series=series, timepoint=timepoint, meta_extra=meta_extra)
+    return ingest_dicom(src, out, options, series=series, timepoint=timepoint, meta_extra=meta_extra,
+                        memory_mb=memory_mb)

@@ -36,6 +36,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 
+from medrecon.budget import check_ingest_budget
 from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import file_sha256, provenance
 from medrecon.volume import Geometry, Volume
@@ -303,15 +304,18 @@ def ingest_nifti(
     timepoint: int | None = None,
     meta_extra: dict[str, Any] | None = None,
     chunk_depth: int | None = None,
+    memory_mb: float | None = None,
 ) -> list[Path]:
     """Ingest a NIfTI file into medrecon Volume(s); returns the stores written.
 
     ``out`` ending in ``.zarr`` is exactly one volume (a 4D file then needs ``timepoint``); otherwise ``out``
     is a directory receiving ``<stem>.zarr`` (3D) or ``<stem>_t<k>.zarr`` per time point. ``meta_extra`` may
     carry ``modality`` ("CT"/"MR", sets ``units``) and a ``provenance`` block. Nothing is left at ``out``
-    when the ingest fails.
+    when the ingest fails. ``memory_mb`` (config ``memory_mb``) refuses, before any voxel is read, a file
+    whose working set would not fit (:func:`medrecon.budget.check_ingest_budget`).
     """
     source = open_nifti(src)
+    check_ingest_budget(source.path, source.shape, memory_mb, whole_volume=not source.streamable)
     out = Path(out)
     extra = dict(meta_extra or {})
     modality = extra.get("modality")

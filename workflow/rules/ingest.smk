@@ -7,7 +7,7 @@ rule ingest:
         directory(RESULTS / "{subject}" / "volume.zarr"),
     params:
         src=lambda wc: subject(wc)["input"],
-        config=section_json("ingest"),
+        config=section_json("ingest", "memory_mb"),
         modality=lambda wc: f"--modality {subject(wc)['modality']}" if subject(wc).get("modality") else "",
         series=lambda wc: f"--series {subject(wc)['series']}" if subject(wc).get("series") else "",
         timepoint=lambda wc: f"--timepoint {subject(wc)['timepoint']}" if subject(wc).get("timepoint") is not None else "",
