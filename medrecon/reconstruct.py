@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medrecon.budget import check_memory_budget
 from medrecon.errors import ConfigError, DeviceError, InputError
 from medrecon.measurement import Measurement
 from medrecon.provenance import config_hash, provenance
@@ -196,6 +197,9 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     op = meas.operator(device)
     per_slice = len(op.in_shape) == 2
     plan = plan_slabs(meas.image_shape[0], settings["size"], settings["halo"], per_slice)
+    whole = len(plan) == 1
+    check_memory_budget(measurement_path, meas.image_shape, 0 if whole else settings["size"], method,
+                        config.get("memory_mb"), halo=0 if whole else settings["halo"])
     paths = [] if prior_path is None else [prior_path] if isinstance(prior_path, str | Path) else list(prior_path)
     prior = None
     if paths:

@@ -4,7 +4,10 @@ def method_config(wildcards):
     rc = config["reconstruct"]
     sub = {k: v for k, v in rc.items() if k not in ("params", "priors", "methods")}
     sub["params"] = {wildcards.method: rc["params"].get(wildcards.method, {})}
-    return json.dumps({"reconstruct": sub}, sort_keys=True)
+    return json.dumps({"reconstruct": sub, "memory_mb": config.get("memory_mb")}, sort_keys=True)
+
+
+SLAB_JOBS = int(config["reconstruct"].get("slab", {}).get("jobs", 1))
 
 
 def prior_input(wildcards):
@@ -12,23 +15,68 @@ def prior_input(wildcards):
     return [] if not path else [path] if isinstance(path, str) else list(path)
 
 
-rule reconstruct:
-    """Reconstruct one subject with one method (classical or diffusion) into a volume in HU / magnitude."""
-    input:
-        measurement=RESULTS / "{subject}" / "measurement.zarr",
-        prior=prior_input,
-    output:
-        directory(RESULTS / "{subject}" / "recon" / "{method}.zarr"),
-    params:
-        config=method_config,
-        prior=lambda wc, input: "--prior " + " ".join(map(str, input.prior)) if input.prior else "",
-    log:
-        LOGS / "{subject}" / "reconstruct_{method}.log",
-    benchmark:
-        BENCH / "{subject}" / "reconstruct_{method}.tsv"
-    threads: 1
-    resources:
-        mem_mb=8000,
-    shell:
-        "medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
-        "--config {params.config:q} {params.prior} > {log:q} 2>&1"
+if SLAB_JOBS == 1:
+
+    rule reconstruct:
+        """Reconstruct one subject with one method (classical or diffusion) into a volume in HU / magnitude.
+        Per-slice geometries go slab by slab inside the job (reconstruct.slab), resuming from finished slabs."""
+        input:
+            measurement=RESULTS / "{subject}" / "measurement.zarr",
+            prior=prior_input,
+        output:
+            directory(RESULTS / "{subject}" / "recon" / "{method}.zarr"),
+        params:
+            config=method_config,
+            prior=lambda wc, input: "--prior " + " ".join(map(str, input.prior)) if input.prior else "",
+        log:
+            LOGS / "{subject}" / "reconstruct_{method}.log",
+        benchmark:
+            BENCH / "{subject}" / "reconstruct_{method}.tsv"
+        threads: 1
+        resources:
+            mem_mb=8000,
+        shell:
+            "medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
+            "--config {params.config:q} {params.prior} > {log:q} 2>&1"
+
+else:
+
+    rule reconstruct_part:
+        """Scatter: job {part} of reconstruct.slab.jobs over the volume's slab plan (a folder of slab volumes;
+        empty when the plan has fewer slabs than jobs, or for geometries that cannot be cut, except part 0)."""
+        input:
+            measurement=RESULTS / "{subject}" / "measurement.zarr",
+            prior=prior_input,
+        output:
+            temp(directory(RESULTS / "{subject}" / "recon" / "{method}.parts" / "{part}")),
+        params:
+            config=method_config,
+            prior=lambda wc, input: "--prior " + " ".join(map(str, input.prior)) if input.prior else "",
+            jobs=SLAB_JOBS,
+        wildcard_constraints:
+            part=r"\d+",
+        log:
+            LOGS / "{subject}" / "reconstruct_{method}_part{part}.log",
+        benchmark:
+            BENCH / "{subject}" / "reconstruct_{method}_part{part}.tsv"
+        threads: 1
+        resources:
+            mem_mb=8000,
+        shell:
+            "medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
+            "--part {wildcards.part}/{params.jobs} --config {params.config:q} {params.prior} > {log:q} 2>&1"
+
+    rule gather:
+        """Gather: blend the slabs of all parts into the reconstruction volume (raised-cosine weights over
+        the halos); the part folders are temporary."""
+        input:
+            lambda wc: [RESULTS / wc.subject / "recon" / f"{wc.method}.parts" / str(i) for i in range(SLAB_JOBS)],
+        output:
+            directory(RESULTS / "{subject}" / "recon" / "{method}.zarr"),
+        log:
+            LOGS / "{subject}" / "gather_{method}.log",
+        threads: 1
+        resources:
+            mem_mb=4000,
+        shell:
+            "medrecon gather {input:q} {output:q} > {log:q} 2>&1"
