@@ -243,6 +243,9 @@ def load_checkpoint(path: str | Path, expect_modality: str | None = None, expect
     else:
         raise InputError(f"prior checkpoint {p} names an unknown network builder {builder!r}.", path=p,
                          fix="re-train it with this medrecon version")
+    if not ema and not c["weights"]:
+        raise InputError(f"{p} holds only the EMA weights (trained with save_raw: false).", path=p,
+                         fix="load it with ema=True, or re-train with save_raw: true for the raw weights")
     try:
         net.load_state_dict(c["ema_weights" if ema else "weights"])
     except RuntimeError as err:

@@ -191,8 +191,9 @@ AE_TRAIN_DEFAULTS: dict[str, Any] = {
     "cache_mb": 1024,
     "num_workers": 0,
     "scale_items": 512,         # training images used to estimate the latent std (evenly spaced)
+    "save_raw": True,           # False: only the EMA weights in the checkpoint (shipped priors)
 }
-_AE_RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "device", "num_workers", "cache_mb")
+_AE_RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "device", "num_workers", "cache_mb", "save_raw")
 
 
 def resolve_autoencoder_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -362,7 +363,7 @@ def train_autoencoder(cfg: dict[str, Any], dataset: TrainingDataset, out: str | 
     ema.module.eval()
     scale = latent_scale_factor(ema.module, dataset, cfg["scale_items"], device)
     save_checkpoint(out, **common, train_config={**cfg, "latent_scale": scale}, step=step,
-                    weights=ae.state_dict(), ema_weights=ema.module.state_dict(),
+                    weights=ae.state_dict() if cfg["save_raw"] else {}, ema_weights=ema.module.state_dict(),
                     provenance=provenance(cfg, seeds={"train": cfg["seed"]}, training_seconds=elapsed,
                                           parameters=result.parameters))
     result.checkpoint = out

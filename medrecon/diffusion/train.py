@@ -77,9 +77,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "random_phase": False,      # MR with 2 channels: random constant phase on magnitude images
     "cache_mb": 1024,           # memory for training slices (preload if all fit, else LRU of slabs)
     "num_workers": 0,           # DataLoader workers (0 on CPU)
+    "save_raw": True,           # False: the checkpoint holds only the EMA weights (half the size; shipped priors)
 }
 # Keys that may change between a run and its resumption without breaking it.
-_RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "device", "num_workers", "cache_mb", "amp")
+_RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "device", "num_workers", "cache_mb", "amp", "save_raw")
 LOG_COLUMNS = ("step", "loss", "lr", "seconds")
 
 
@@ -390,7 +391,8 @@ def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, mod
         return result
     if start < step or not rpath.is_file():
         save_state(step)
-    save_checkpoint(out, **common, step=step, weights=net.state_dict(), ema_weights=ema.module.state_dict(),
+    save_checkpoint(out, **common, step=step, weights=net.state_dict() if cfg["save_raw"] else {},
+                    ema_weights=ema.module.state_dict(),
                     provenance=provenance(cfg, seeds={"train": cfg["seed"]}, training_seconds=elapsed,
                                           parameters=result.parameters))
     result.checkpoint = out
