@@ -37,9 +37,9 @@ whole volume to the same accumulator in one step, and both give the same numbers
 30 float64 copies of one slab with its halo, ``~30 * (slab + 10) * Y * X * 8`` bytes on top of the
 imports (measured at 256 x 256: 16 MB per slab slice; peak RSS 480 / 625 / 860 MB for 8 / 16 / 32-slice
 slabs, 4.9 / 4.1 / 3.8 s for 128 slices), and it does not depend on the number of slices. The default slab
-(:func:`evaluation_slab`) holds about 2^20 voxels (16 slices of 256 x 256), at least 8 slices: the halo's
-extra z-filtering costs little beyond that, and the memory stays well under a slice-count-independent
-bound whatever the store's chunk depth.
+(:func:`evaluation_slab`) holds about 2^20 voxels (16 slices of 256 x 256), at least 8 slices: larger slabs
+save little time (the halo's extra z-filtering is small beyond that), and the memory no longer depends on
+the store's chunk depth.
 
 Posterior calibration: :func:`posterior_stats` (mean and unbiased std over samples), streaming variants
 (:class:`RunningMoments`, Welford/Chan over samples arriving one at a time, and
