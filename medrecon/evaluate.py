@@ -67,14 +67,18 @@ def check_same_volume(reference: Volume, rec: Volume) -> None:
 
 
 def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dict[str, Any],
-             subject: str, method: str) -> dict[str, Any]:
-    """Compute the metrics of ``recon`` against ``reference`` and write them to the JSON ``out``."""
+             subject: str, method: str, slab: int | None = None) -> dict[str, Any]:
+    """Compute the metrics of ``recon`` against ``reference`` and write them to the JSON ``out``.
+
+    Volumes are streamed ``slab`` slices at a time (default :func:`metrics.evaluation_slab`): memory does
+    not grow with the number of slices, and the numbers do not depend on ``slab``.
+    """
     ref, rec = Volume.open(reference), Volume.open(recon)
     check_same_volume(ref, rec)
     window = window_for(ref, cfg)
     mask = cfg["evaluate"]["mask"]
     threshold = metrics.default_body_threshold(ref.modality, window)
-    result = metrics.evaluate_volumes(ref, rec, window, mask=mask, body_threshold=threshold)
+    result = metrics.evaluate_volumes(ref, rec, window, mask=mask, body_threshold=threshold, slab=slab)
     record = rec.meta.get("record", {})
     scalars = {k: result[k] for k in metrics.SCALAR_KEYS}
     for key in ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe", "data_residual"):
@@ -82,7 +86,8 @@ def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dic
             scalars[key] = record[key]
     std_path = Path(recon) / "std"
     if std_path.exists():
-        cov = metrics.coverage_volumes(rec, Volume.open(std_path), ref, mask=mask, body_threshold=threshold)
+        cov = metrics.coverage_volumes(rec, Volume.open(std_path), ref, mask=mask, body_threshold=threshold,
+                                       slab=slab)
         scalars.update(cov)
         n = int(record.get("samples", 0)) or None
         for k in (1, 2):

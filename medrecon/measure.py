@@ -6,8 +6,9 @@ integrals. MR: magnitude × a smooth seeded phase (real images have one, and pri
 NUFFT with simulated birdcage coils → complex Gaussian noise at ``snr_db``. Noise for slice ``z`` is drawn
 from its own stream ``(seed, z)``, so the result does not depend on how the volume is cut into slabs.
 
-Per-slice geometries are processed slab by slab (memory = one slab); cone beam and 3D Cartesian MRI
-couple all slices and are simulated whole.
+Per-slice geometries are processed slab by slab, one chunk of the volume at a time, and ``y`` is chunked so
+that each slab fills whole chunks (memory = one slab, flat in the number of slices: see
+``tests/test_memory.py``); cone beam and 3D Cartesian MRI couple all slices and are simulated whole.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def measure_ct(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: t
     noise = (noise_record("ct_poisson", seed=seed, I0=i0, electronic_std=e_std) if i0 else {"model": "none"})
     meta = _meta(vol, cfg, seed, noise, units="line integral (mu [1/mm] x mm)",
                  operator_units={"image": "mu [1/mm]", "mu_water": float(ct["mu_water"])})
-    with measurement_writer(out, y_shape, np.float32, op, meta) as w:
+    with measurement_writer(out, y_shape, np.float32, op, meta, slab=vol.chunk_depth if per_slice else None) as w:
         for z0, _z1, hu in _slabs(vol, op):
             mu = torch.from_numpy(np.asarray(hu_to_mu(hu, float(ct["mu_water"])), dtype=np.float32)).to(device)
             with torch.no_grad():
@@ -126,7 +127,7 @@ def measure_mr(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: t
                              reference="signal rms", std=sigma)
     meta = _meta(vol, cfg, seed, noise, units="k-space (orthonormal FFT)",
                  operator_units={"image": "complex image"}, image_units=vol.meta.get("units", "arbitrary"))
-    with measurement_writer(out, (vol.shape[0], *op.out_shape), np.complex64, op, meta) as w:
+    with measurement_writer(out, (vol.shape[0], *op.out_shape), np.complex64, op, meta, slab=vol.chunk_depth) as w:
         for z0, z1, mag in _slabs(vol, op):
             k = simulate_kspace(mag, op.slab(z0, z1), smooth_phase(vol.shape, seed, z_range=(z0, z1)))
             if snr_db is not None:

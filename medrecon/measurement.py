@@ -60,19 +60,36 @@ def _save_state(group: zarr.Group, kind: str, params: dict, arrays: dict[str, np
         create_slab_array(ops, name, arr.shape, arr.dtype)[...] = arr
 
 
+def aligned_chunk_depth(y_shape: tuple[int, ...], itemsize: int, slab: int) -> int:
+    """Chunk depth of ``y`` for a writer that writes ``slab`` slices at a time.
+
+    At most the default (~8 MiB chunks) and a divisor of ``slab`` (or ``slab`` itself), so that every
+    write covers whole chunks: a chunk straddling two slabs would be decoded, merged and re-encoded
+    (slower, and for CT sinograms, whose default chunks hold ~100 slices, ~3 chunks of extra memory).
+    """
+    depth = default_chunk_depth(y_shape, itemsize)
+    if depth >= slab:
+        return max(1, slab)
+    return max(d for d in range(1, depth + 1) if slab % d == 0)
+
+
 @contextlib.contextmanager
 def measurement_writer(path: str | Path, y_shape: tuple[int, ...], y_dtype: Any, operator: LinearOperator,
-                       meta: dict[str, Any]) -> Iterator[MeasurementWriter]:
+                       meta: dict[str, Any], slab: int | None = None) -> Iterator[MeasurementWriter]:
     """Write a measurement slab by slab: ``with measurement_writer(...) as w: w.write_slab(z0, data)``.
 
-    The store appears at ``path`` only when the block finishes without an exception.
+    ``slab``: how many slices each ``write_slab`` gets (chunks are aligned to it, see
+    :func:`aligned_chunk_depth`); None for the default chunking. The store appears at ``path`` only when
+    the block finishes without an exception.
     """
     y_shape = tuple(int(s) for s in y_shape)
     y_dtype = np.dtype(y_dtype)
+    depth = (default_chunk_depth(y_shape, y_dtype.itemsize) if slab is None
+             else aligned_chunk_depth(y_shape, y_dtype.itemsize, slab))
     with atomic_group(path) as group:
         params, arrays = operator.state()
         _save_state(group, operator.kind, params, arrays)
-        y = create_slab_array(group, "y", y_shape, y_dtype, default_chunk_depth(y_shape, y_dtype.itemsize))
+        y = create_slab_array(group, "y", y_shape, y_dtype, depth)
         block = dict(meta)
         block.update({"format": FORMAT, "operator": {"kind": operator.kind, "params": params},
                       "y_shape": list(y_shape), "y_dtype": str(y_dtype)})

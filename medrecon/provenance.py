@@ -89,6 +89,27 @@ def device_description() -> str:
     return f"cpu ({platform.machine()})"
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MiB): what a job or a benchmark stage records as its memory.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``, the high-water mark of this program's own address
+    space. ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used there because Linux carries it across
+    ``execve``: a process started by a large parent (pytest, Snakemake, a benchmark driver) reports at
+    least the parent's RSS at fork time (measured: 443 MiB for a 100 MiB step run from pytest).
+    Elsewhere ``ru_maxrss`` is the best there is (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024.0
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes (streamed)."""
     h = hashlib.sha256()

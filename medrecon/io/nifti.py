@@ -18,16 +18,24 @@ oblique acquisition keeps its residual rotation (under 45 degrees per axis) in `
   are dropped; more than one non-singleton dimension beyond the fourth is an error;
 * NaN/Inf voxels, unreadable files and sheared affines are :class:`InputError` naming the file.
 
-Memory: uncompressed ``.nii`` files are read slab by slab through nibabel's ``dataobj`` slicing (only the
-slices a slab needs are read, whichever file axis is superior); a gzipped file cannot be seeked without
-decompressing from the start, so it is read once per time point (one float32 copy of the volume).
+Memory: ingest holds one slab. Uncompressed ``.nii`` files are read slab by slab through nibabel's
+``dataobj`` slicing (only the slices a slab needs are read, whichever file axis is superior). A gzipped file
+cannot be seeked without decompressing from the start, so ingest first decompresses it, streamed, into a
+hidden temporary ``.nii`` beside the output and reads that slab by slab (disk: the uncompressed size while
+the ingest runs; measured for 256 x 256 x 256 float32: peak RSS 197 MB reading the .nii.gz whole, 102 MB
+for the .nii). :func:`read_nifti` is the in-memory reader (whole time points) for small files and tests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gzip
 import os
 import shutil
 import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +47,7 @@ from nibabel import orientations as ornt
 from medrecon.budget import check_ingest_budget
 from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import file_sha256, provenance
-from medrecon.volume import Geometry, Volume
+from medrecon.volume import Geometry, Volume, slab_ranges
 
 CANONICAL_AXCODES = ("L", "P", "S")  # voxel axes (i, j, k) = medrecon array axes (x, y, z)
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -285,15 +293,39 @@ def read_nifti(
     return [(src.read(t), src.geometry, _meta(src, t, modality, {})) for t in _timepoints(src, on_4d, None)]
 
 
+@contextlib.contextmanager
+def _seekable(src: NiftiSource, workdir: Path) -> Iterator[NiftiSource]:
+    """``src`` itself when uncompressed; for ``.nii.gz`` the same source read from a temporary ``.nii``.
+
+    The copy lives in ``workdir`` (hidden, per process) and is removed on exit, also after an error.
+    Messages and provenance keep naming the original file (``path`` is unchanged).
+    """
+    if src.streamable:
+        yield src
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / f".{nifti_stem(src.path)}.{os.getpid()}.nii"
+    try:
+        try:
+            with gzip.open(src.path, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        except (OSError, EOFError, zlib.error) as err:
+            raise InputError(
+                f"Could not decompress {src.path} ({type(err).__name__}: {err}).",
+                fix="the file is truncated or corrupt; re-export or re-download it.",
+            ) from err
+        yield dataclasses.replace(src, image=nib.load(str(tmp)))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write(
     src: NiftiSource, timepoint: int, out: Path, meta: dict[str, Any], chunk_depth: int | None
 ) -> Path:
+    """Write one time point slab by slab (``src`` must be seekable, see :func:`_seekable`)."""
     with Volume.create(out, src.shape, src.geometry, meta, chunk_depth) as w:
-        if src.streamable:
-            for z0 in range(0, src.shape[0], w.chunk_depth):
-                w.write_slab(z0, src.read_slab(timepoint, z0, min(z0 + w.chunk_depth, src.shape[0])))
-        else:
-            w.write(src.read(timepoint))
+        for z0, z1, _lo, _hi in slab_ranges(src.shape[0], w.chunk_depth):
+            w.write_slab(z0, src.read_slab(timepoint, z0, z1))
     return out
 
 
@@ -327,14 +359,16 @@ def ingest_nifti(
                 f"image has {len(points)} time points but {out} is one volume.",
                 f"pass `timepoint` (0..{len(points) - 1}) or give a directory as output.",
             )
-        return [_write(source, points[0], out, _meta(source, points[0], modality, extra), chunk_depth)]
+        with _seekable(source, out.parent) as seekable:
+            return [_write(seekable, points[0], out, _meta(source, points[0], modality, extra), chunk_depth)]
     stem = nifti_stem(source.path)
     names = [f"{stem}_t{t}.zarr" if source.n_timepoints > 1 else f"{stem}.zarr" for t in points]
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for t, name in zip(points, names, strict=True):
-            _write(source, t, staging / name, _meta(source, t, modality, extra), chunk_depth)
+        with _seekable(source, staging) as seekable:
+            for t, name in zip(points, names, strict=True):
+                _write(seekable, t, staging / name, _meta(source, t, modality, extra), chunk_depth)
         out.mkdir(parents=True, exist_ok=True)
         finals = []
         for name in names:

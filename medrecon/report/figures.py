@@ -14,17 +14,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from medrecon.volume import Volume
+from medrecon.volume import Volume, slab_ranges
 
 PLANES = ("axial", "coronal", "sagittal")
 
 
 def central_planes(vol: Volume, index: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
-    """The three orthogonal planes through ``index`` (default the centre), read without loading the volume."""
+    """The three orthogonal planes through ``index`` (default the centre), read without loading the volume.
+
+    The coronal and sagittal planes cross every slab chunk; they are gathered one chunk range at a time
+    (``slab_ranges`` over the chunk depth) so that at most one decoded chunk is in memory. A single
+    ``a[:, y, :]`` would let zarr decode up to ``async.concurrency`` (10) chunks at once, and the
+    report's peak memory would grow with the number of slices (measured: 116 MB at 32 slices of
+    256 x 256, 225 MB at 512).
+    """
     z, y, x = index or tuple(s // 2 for s in vol.shape)
     a = vol.array
-    return {"axial": np.asarray(a[z], np.float32), "coronal": np.asarray(a[:, y, :], np.float32),
-            "sagittal": np.asarray(a[:, :, x], np.float32)}
+    coronal = np.empty((vol.shape[0], vol.shape[2]), np.float32)
+    sagittal = np.empty((vol.shape[0], vol.shape[1]), np.float32)
+    for z0, z1, _lo, _hi in slab_ranges(vol.shape[0], vol.chunk_depth):
+        coronal[z0:z1] = a[z0:z1, y, :]
+        sagittal[z0:z1] = a[z0:z1, :, x]
+    return {"axial": np.asarray(a[z], np.float32), "coronal": coronal, "sagittal": sagittal}
 
 
 def _aspect(vol: Volume, plane: str) -> float:
