@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from medrecon.budget import check_memory_budget
 from medrecon.errors import ConfigError, DeviceError, InputError
 from medrecon.measurement import Measurement
-from medrecon.provenance import config_hash, provenance
+from medrecon.provenance import config_hash, peak_rss_mb, provenance
 from medrecon.recon.registry import METHOD_MODALITIES, METHODS, ReconProblem
 from medrecon.recon.slabs import (
     Slab,
@@ -143,7 +142,7 @@ def _solve(method: str, problem: ReconProblem, params: dict, prior: Any, generat
     resid = data_residual(problem.operator, mean[core], y_core)
     record = {
         "runtime_s": runtime,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb": peak_rss_mb(),
         "cuda_max_allocated_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
         "nfe": int(result.nfe),
         "samples": int(result.samples.shape[0]),
