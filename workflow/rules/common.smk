@@ -44,3 +44,26 @@ def all_metrics():
 
 def final_outputs():
     return [RESULTS / "report.html"]
+
+
+# ---- GPUs: which jobs ask for one, how many run at once, and which GPU each gets ------------------------------
+# A job that may use a GPU declares `resources: gpu=gpus_for(<its config device>)` and starts its command with
+# GPU_SLOT. Locally, Snakemake then runs at most as many GPU jobs at once as this machine has GPUs (the `gpu`
+# limit below; `--resources gpu=N` overrides it) and GPU_SLOT gives each running job its own GPU through
+# CUDA_VISIBLE_DEVICES (medrecon/gpu_slots.py). On SLURM the profile's set-resources ask for the GPUs and SLURM
+# sets CUDA_VISIBLE_DEVICES; GPU_SLOT then leaves it alone.
+from medrecon.gpu_slots import visible_gpus
+
+N_GPUS = len(visible_gpus())
+GPU_SLOT = "python -m medrecon.gpu_slots {resources.gpu} --"
+
+
+def gpus_for(device):
+    """GPUs a job on config device `device` (auto | cpu | cuda) uses: 1 for 'cuda', and for 'auto' where this
+    machine has a GPU; else 0 (so CPU jobs are never held back by the GPU limit)."""
+    return 1 if device == "cuda" or (device == "auto" and N_GPUS > 0) else 0
+
+
+if workflow.global_resources["_nodes"].value is None and N_GPUS > 0 and "gpu" not in workflow.global_resources:
+    # Local run on a GPU machine: one GPU job per GPU unless the user said otherwise with --resources gpu=N.
+    workflow.register_resource("gpu", N_GPUS)

@@ -37,5 +37,6 @@ rule train:
     threads: 1
     resources:
         mem_mb=8000,
+        gpu=lambda wildcards: gpus_for(config["train"][wildcards.prior].get("device", "auto")),
     shell:
-        "medrecon train {output:q} {input.volumes:q} --name {wildcards.prior} --config {params.config:q} > {log:q} 2>&1"
+        GPU_SLOT + " medrecon train {output:q} {input.volumes:q} --name {wildcards.prior} --config {params.config:q} > {log:q} 2>&1"
