@@ -53,6 +53,19 @@ def test_slurm_profile_dry_run_plans_every_job_with_gpus_on_the_gpu_rules(tmp_pa
     assert (train["mem_mb"], train["runtime"], train["cpus_per_task"]) == ("32000", "480", "4")
 
 
+def test_slurm_profile_puts_slab_jobs_on_gpus_and_the_gather_on_cpus(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    cfg = tiny_config()
+    cfg["reconstruct"]["slab"] = {"jobs": 2}
+    proc = run_snakemake(study_dir(tmp_path, cfg), "-n", "--profile", str(SLURM), **NO_GPU)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    jobs = planned_jobs(proc.stdout + proc.stderr)
+    parts = [res for rule, res in jobs if rule == "reconstruct_part"]
+    assert len(parts) == 2 and all(r["gpu"] == "1" and r["slurm_partition"] == "gpu" for r in parts)
+    gather = [res for rule, res in jobs if rule == "gather"]
+    assert len(gather) == 1 and gather[0]["slurm_partition"] == "cpu" and gather[0].get("gpu", "0") == "0"
+
+
 def test_slurm_profile_submits_the_train_job_to_the_gpu_partition_with_a_gpu(tmp_path):
     """The real plugin builds the sbatch call; a stand-in `sbatch` (and silent sacct/squeue/...) records it."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
