@@ -10,9 +10,9 @@ Two checkpoints make a latent prior (both ordinary medrecon prior checkpoints, h
     perceptual loss needs pretrained weights, which medrecon never downloads; the GAN term is off).
     After training, the *latent scale factor* ``1 / std`` of the encoder means over the training images is
     computed and stored in the checkpoint's ``train_config["latent_scale"]``, so the diffusion model sees
-    latents of unit variance (Rombach et al., ``scale_factor``). The loop mirrors
-    :func:`medrecon.diffusion.train.train` (same step-keyed batches, warm-up + cosine LR, EMA, gradient
-    clipping, resume file, CSV loss log) and reuses its helpers.
+    latents of unit variance (Rombach et al., ``scale_factor``). The loop is the diffusion priors' own
+    (:func:`medrecon.diffusion.train.run_training`: step-keyed batches, warm-up + cosine LR, EMA, gradient
+    clipping, resume file, CSV loss log); only the network, the loss and the scale factor are the autoencoder's.
 ``kind "latent"``
     An epsilon-prediction ``DiffusionModelUNet`` on the scaled latents, trained by the engine's
     :func:`~medrecon.diffusion.train.train` on a :class:`LatentDataset`. Its data provenance starts with
@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,35 +42,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from medrecon.diffusion.checkpoint import (
-    load_checkpoint,
-    load_resume,
-    resume_path,
-    save_checkpoint,
-    save_resume,
-)
+from medrecon.diffusion.checkpoint import load_checkpoint
 from medrecon.diffusion.datasets import TrainingDataset
 from medrecon.diffusion.denoiser import EpsilonDenoiser, Prior
-from medrecon.diffusion.networks import build_autoencoder, count_parameters, resolve_autoencoder_spec
+from medrecon.diffusion.networks import build_autoencoder, resolve_autoencoder_spec
 from medrecon.diffusion.normalisation import prior_affine, validate_normalisation
 from medrecon.diffusion.schedules import VPSchedule
 from medrecon.diffusion.train import (
-    LossLog,
-    StepBatchSampler,
+    TrainingTask,
     TrainResult,
     _seed,
     build_dataset,
-    ema_model,
-    loss_log_path,
     pick_device,
     resolve_train_config,
+    run_training,
     train,
-    warmup_cosine,
 )
 from medrecon.errors import ConfigError, InputError
-from medrecon.provenance import provenance, to_jsonable
+from medrecon.provenance import to_jsonable
 from medrecon.volume import Volume
 
 _F64 = torch.float64
@@ -193,7 +181,6 @@ AE_TRAIN_DEFAULTS: dict[str, Any] = {
     "scale_items": 512,         # training images used to estimate the latent std (evenly spaced)
     "save_raw": True,           # False: only the EMA weights in the checkpoint (shipped priors)
 }
-_AE_RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "device", "num_workers", "cache_mb", "save_raw")
 
 
 def resolve_autoencoder_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -265,109 +252,31 @@ def latent_scale_factor(ae: torch.nn.Module, dataset: TrainingDataset, max_items
     return 1.0 / math.sqrt(var)
 
 
-def _check_ae_resume(state: dict[str, Any], cfg: dict[str, Any], data: list[dict[str, Any]], path: Path) -> None:
-    old = {k: v for k, v in state["train_config"].items() if k not in _AE_RESUME_MAY_CHANGE}
-    new = {k: v for k, v in cfg.items() if k not in _AE_RESUME_MAY_CHANGE}
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-        raise ConfigError(f"the autoencoder training config differs from the interrupted run's in {diff} ({path})",
-                          path=path, fix=f"restore those options, or delete {path} to start over")
-    if [d.get("sha256") for d in state["data"]] != [d.get("sha256") for d in data]:
-        raise InputError(f"the training data changed since the interrupted run ({path})", path=path,
-                         fix=f"train on the same volumes, or delete {path} to start over")
-
-
 def train_autoencoder(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, modality: str,
                       normalisation: dict[str, Any], resume: bool = True, stop_at: int | None = None,
                       data: list[dict[str, Any]] | None = None) -> TrainResult:
     """Train an AutoencoderKL on ``dataset`` (items in the network domain) and write checkpoint ``out``.
 
-    Same contract as :func:`medrecon.diffusion.train.train`: ``<out>.resume.pt`` every ``checkpoint_every``
-    steps, ``<out>.loss.csv``, bit-for-bit resume, ``stop_at`` behaves like a kill. The checkpoint stores
+    The loop is :func:`medrecon.diffusion.train.run_training` (``<out>.resume.pt`` every ``checkpoint_every``
+    steps, ``<out>.loss.csv``, bit-for-bit resume, ``stop_at`` behaves like a kill). The checkpoint stores
     the EMA weights and ``train_config["latent_scale"]`` computed with them.
     """
     cfg = resolve_autoencoder_config(cfg)
-    out = Path(out)
-    rpath, lpath = resume_path(out), loss_log_path(out)
-    device = pick_device(cfg["device"])
-    normalisation = validate_normalisation(normalisation, modality)
-    data = dataset.provenance() if data is None else data
     spec = resolve_autoencoder_spec({**cfg["network"], "image_size": dataset.image_size,
                                      "in_channels": dataset.channels, "out_channels": dataset.channels})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["seed"])
-        ae = build_autoencoder(spec)
-    ae.to(device).train()
-    ema = ema_model(ae, cfg["ema_decay"])
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["warmup_steps"], cfg["steps"]))
-    start, elapsed = 0, 0.0
-    if resume and rpath.is_file():
-        state = load_resume(rpath)
-        _check_ae_resume(state, cfg, data, rpath)
-        ae.load_state_dict(state["weights"])
-        ema.load_state_dict(state["ema_state"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_scheduler"])
-        start, elapsed = int(state["step"]), float(state["seconds"])
-    elif rpath.exists():
-        rpath.unlink()
-    stop = cfg["steps"] if stop_at is None else min(int(stop_at), cfg["steps"])
-    log = LossLog(lpath, start)
-    losses = list(log.previous)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(len(dataset), cfg["batch_size"], cfg["seed"], start, stop),
-        num_workers=cfg["num_workers"])
-    common = {"kind": "autoencoder", "modality": modality, "objective": "autoencoder",
-              "network": {"builder": "autoencoder", "spec": spec}, "schedule": None,
-              "normalisation": normalisation, "data": data, "sigma_data": None}
 
-    def save_state(step: int) -> None:
-        save_resume(rpath, {**common, "train_config": cfg, "step": step, "seconds": elapsed,
-                            "weights": ae.state_dict(), "ema_state": ema.state_dict(),
-                            "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()})
+    def finish(ema: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+        ema.eval()
+        return {"latent_scale": latent_scale_factor(ema, dataset, cfg["scale_items"], device)}
 
-    bar = tqdm(total=stop, initial=start, desc="train autoencoder", disable=not sys.stderr.isatty())
-    step = start
-    try:
-        for batch in loader:
-            t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(_seed(cfg["seed"], 3, step))
-            loss, _, _ = autoencoder_loss(ae, batch["x"].to(device), cfg, gen)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"autoencoder loss became {loss.item()} at step {step + 1}",
-                                  fix="lower train.lr or set train.grad_clip (e.g. 1.0)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg["grad_clip"])
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            ema.update_parameters(ae)
-            step += 1
-            elapsed += time.perf_counter() - t0
-            losses.append(float(loss.detach()))
-            log.write(step, losses[-1], lr, elapsed)
-            bar.update(1)
-            if step % cfg["checkpoint_every"] == 0 and step < cfg["steps"]:
-                save_state(step)
-    finally:
-        bar.close()
-        log.close()
-    result = TrainResult(None, step, start, losses, elapsed, count_parameters(ae))
-    if step < cfg["steps"]:
-        return result
-    if start < step or not rpath.is_file():
-        save_state(step)
-    ema.module.eval()
-    scale = latent_scale_factor(ema.module, dataset, cfg["scale_items"], device)
-    save_checkpoint(out, **common, train_config={**cfg, "latent_scale": scale}, step=step,
-                    weights=ae.state_dict() if cfg["save_raw"] else {}, ema_weights=ema.module.state_dict(),
-                    provenance=provenance(cfg, seeds={"train": cfg["seed"]}, training_seconds=elapsed,
-                                          parameters=result.parameters))
-    result.checkpoint = out
-    return result
+    task = TrainingTask(
+        name="autoencoder", build=lambda: build_autoencoder(spec),
+        loss=lambda ae, batch, gen: autoencoder_loss(ae, batch["x"], cfg, gen)[0],
+        checkpoint={"kind": "autoencoder", "objective": "autoencoder",
+                    "network": {"builder": "autoencoder", "spec": spec}, "schedule": None, "sigma_data": None},
+        finish=finish)
+    return run_training(task, cfg, dataset, out, modality=modality, normalisation=normalisation, resume=resume,
+                        stop_at=stop_at, data=data)
 
 
 def _slice_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume], channels: int):

@@ -1,7 +1,9 @@
 """Training a diffusion prior: DDPM epsilon prediction (VP schedule) or EDM denoising, resumable bit for bit.
 
-:func:`train_prior` is what ``medrecon train`` calls: volumes in, checkpoint out. :func:`train` is the
-inner loop on any :class:`~medrecon.diffusion.datasets.TrainingDataset` (tests use in-memory toy images).
+:func:`train_prior` is what ``medrecon train`` calls: volumes in, checkpoint out. :func:`train` trains a
+diffusion prior on any :class:`~medrecon.diffusion.datasets.TrainingDataset` (tests use in-memory toy images).
+Both it and ReSample's autoencoder (:func:`medrecon.diffusion.latent.train_autoencoder`) run the one loop
+:func:`run_training`; a :class:`TrainingTask` brings what differs (network, loss, checkpoint fields).
 
 Losses
     ``"epsilon"``: ``t ~ U{0..N-1}``, ``x_t = sqrt(ab_t) x0 + sqrt(1-ab_t) n``, loss ``|net(x_t, t) - n|^2``
@@ -31,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +81,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "num_workers": 0,           # DataLoader workers (0 on CPU)
     "save_raw": True,           # False: the checkpoint holds only the EMA weights (half the size; shipped priors)
 }
-# Keys that may change between a run and its resumption without breaking it.
+# Keys that may change between a run and its resumption without breaking it (every task's config).
 _RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "device", "num_workers", "cache_mb", "amp", "save_raw")
 LOG_COLUMNS = ("step", "loss", "lr", "seconds")
 
@@ -287,37 +289,54 @@ def network_spec(cfg: dict[str, Any], dataset: TrainingDataset) -> dict[str, Any
     return resolve_unet_spec(spec)
 
 
-def _check_resume(state: dict[str, Any], cfg: dict[str, Any], data: list[dict[str, Any]], path: Path) -> None:
+def _check_resume(state: dict[str, Any], cfg: dict[str, Any], data: list[dict[str, Any]], path: Path,
+                  name: str) -> None:
     old = {k: v for k, v in state["train_config"].items() if k not in _RESUME_MAY_CHANGE}
     new = {k: v for k, v in cfg.items() if k not in _RESUME_MAY_CHANGE}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
-        raise ConfigError(f"the training config differs from the interrupted run's in {diff} ({path})",
+        raise ConfigError(f"the {name} training config differs from the interrupted run's in {diff} ({path})",
                           path=path, fix=f"restore those options, or delete {path} to start over")
     if [d.get("sha256") for d in state["data"]] != [d.get("sha256") for d in data]:
         raise InputError(f"the training data changed since the interrupted run ({path})", path=path,
                          fix=f"train on the same volumes, or delete {path} to start over")
 
 
-def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, modality: str,
-          normalisation: dict[str, Any], resume: bool = True, stop_at: int | None = None,
-          data: list[dict[str, Any]] | None = None) -> TrainResult:
-    """Train on ``dataset`` and write the checkpoint ``out`` (plus ``<out>.resume.pt`` and ``<out>.loss.csv``).
+@dataclass
+class TrainingTask:
+    """What differs between the networks :func:`run_training` trains (diffusion UNets, the autoencoder).
 
-    ``resume``: continue from the resume file when there is one. ``stop_at``: stop after that step without
-    writing the final checkpoint, exactly as if the job had been killed there (tests, time-sliced jobs).
+    Everything else - device, seeded initialisation, AdamW with warm-up + cosine, gradient clipping, EMA,
+    step-keyed batches, resume file, loss log, progress bar, final checkpoint - is one loop, so a fix to
+    resume or determinism reaches every kind of network at once.
     """
-    cfg = resolve_train_config(cfg)
+
+    name: str                                   # "slice prior", "autoencoder": progress bar and messages
+    build: Callable[[], torch.nn.Module]        # the network; called under torch.manual_seed(cfg["seed"])
+    loss: Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.Generator], torch.Tensor]  # batch mean
+    checkpoint: dict[str, Any]                  # kind, objective, network, schedule, sigma_data of the checkpoint
+    # train_config entries computed from the final EMA network (the autoencoder's latent_scale); not resumed
+    finish: Callable[[torch.nn.Module, torch.device], dict[str, Any]] | None = None
+
+
+def run_training(task: TrainingTask, cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *,
+                 modality: str, normalisation: dict[str, Any], resume: bool = True, stop_at: int | None = None,
+                 data: list[dict[str, Any]] | None = None) -> TrainResult:
+    """The training loop: ``task``'s network on ``dataset`` with the resolved config ``cfg``; writes ``out``.
+
+    Also writes ``<out>.resume.pt`` every ``checkpoint_every`` steps and ``<out>.loss.csv``. ``resume``:
+    continue from the resume file when there is one. ``stop_at``: stop after that step without writing the
+    final checkpoint, exactly as if the job had been killed there (tests, time-sliced jobs). ``cfg`` needs
+    the optimisation keys of :data:`TRAIN_DEFAULTS`; ``amp`` is optional (off when absent).
+    """
     out = Path(out)
     rpath, lpath = resume_path(out), loss_log_path(out)
     device = pick_device(cfg["device"])
     normalisation = validate_normalisation(normalisation, modality)
     data = dataset.provenance() if data is None else data
-    schedule = _schedule(cfg)
-    spec = network_spec(cfg, dataset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
-        net = build_unet(spec)
+        net = task.build()
     net.to(device).train()
     ema = ema_model(net, cfg["ema_decay"])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -325,35 +344,33 @@ def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, mod
     start, elapsed = 0, 0.0
     if resume and rpath.is_file():
         state = load_resume(rpath)
-        _check_resume(state, cfg, data, rpath)
+        _check_resume(state, cfg, data, rpath, task.name)
         net.load_state_dict(state["weights"])
         ema.load_state_dict(state["ema_state"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["rng_torch"])
+        if "rng_torch" in state:   # resume files of autoencoders written before the loop was shared lack it
+            torch.set_rng_state(state["rng_torch"])
         start, elapsed = int(state["step"]), float(state["seconds"])
     elif rpath.exists():
         rpath.unlink()
     stop = cfg["steps"] if stop_at is None else min(int(stop_at), cfg["steps"])
     log = LossLog(lpath, start)
     losses = list(log.previous)
-    ab = schedule.alphas_cumprod if isinstance(schedule, VPSchedule) else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["amp"] and device.type == "cuda" \
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.get("amp") and device.type == "cuda" \
         else contextlib.nullcontext()
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatchSampler(len(dataset), cfg["batch_size"], cfg["seed"], start, stop),
         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
-    common = {"kind": cfg["kind"], "modality": modality, "objective": cfg["loss"],
-              "network": {"builder": "unet", "spec": spec}, "schedule": schedule.to_dict(),
-              "normalisation": normalisation, "train_config": cfg, "data": data,
-              "sigma_data": cfg["sigma_data"] if cfg["loss"] == "edm" else None}
+    common = {**task.checkpoint, "modality": modality, "normalisation": normalisation, "data": data}
 
     def save_state(step: int) -> None:
-        save_resume(rpath, {**common, "step": step, "seconds": elapsed, "weights": net.state_dict(),
-                            "ema_state": ema.state_dict(), "optimizer": opt.state_dict(),
-                            "lr_scheduler": sched.state_dict(), "rng_torch": torch.get_rng_state()})
+        save_resume(rpath, {**common, "train_config": cfg, "step": step, "seconds": elapsed,
+                            "weights": net.state_dict(), "ema_state": ema.state_dict(),
+                            "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                            "rng_torch": torch.get_rng_state()})
 
-    bar = tqdm(total=stop, initial=start, desc=f"train {cfg['kind']} prior", disable=not sys.stderr.isatty())
+    bar = tqdm(total=stop, initial=start, desc=f"train {task.name}", disable=not sys.stderr.isatty())
     step = start
     try:
         for keys_batch in loader:
@@ -361,9 +378,9 @@ def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, mod
             batch = {k: v.to(device, non_blocking=True) for k, v in keys_batch.items()}
             gen = torch.Generator().manual_seed(_seed(cfg["seed"], 3, step))
             with amp:
-                loss = diffusion_loss(net, batch, cfg, schedule, gen, ab)
+                loss = task.loss(net, batch, gen)
             if not torch.isfinite(loss):
-                raise ConfigError(f"training loss became {loss.item()} at step {step + 1}",
+                raise ConfigError(f"{task.name} training loss became {loss.item()} at step {step + 1}",
                                   fix="lower train.lr or set train.grad_clip (e.g. 1.0)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -391,12 +408,31 @@ def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, mod
         return result
     if start < step or not rpath.is_file():
         save_state(step)
-    save_checkpoint(out, **common, step=step, weights=net.state_dict() if cfg["save_raw"] else {},
-                    ema_weights=ema.module.state_dict(),
+    extra = task.finish(ema.module, device) if task.finish is not None else {}
+    save_checkpoint(out, **common, train_config={**cfg, **extra}, step=step,
+                    weights=net.state_dict() if cfg["save_raw"] else {}, ema_weights=ema.module.state_dict(),
                     provenance=provenance(cfg, seeds={"train": cfg["seed"]}, training_seconds=elapsed,
                                           parameters=result.parameters))
     result.checkpoint = out
     return result
+
+
+def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, modality: str,
+          normalisation: dict[str, Any], resume: bool = True, stop_at: int | None = None,
+          data: list[dict[str, Any]] | None = None) -> TrainResult:
+    """Train a diffusion prior on ``dataset`` and write the checkpoint ``out`` (:func:`run_training` does the
+    loop: ``<out>.resume.pt``, ``<out>.loss.csv``, ``resume`` and ``stop_at`` as described there)."""
+    cfg = resolve_train_config(cfg)
+    schedule = _schedule(cfg)
+    spec = network_spec(cfg, dataset)
+    ab = schedule.alphas_cumprod if isinstance(schedule, VPSchedule) else None
+    task = TrainingTask(
+        name=f"{cfg['kind']} prior", build=lambda: build_unet(spec),
+        loss=lambda net, batch, gen: diffusion_loss(net, batch, cfg, schedule, gen, ab),
+        checkpoint={"kind": cfg["kind"], "objective": cfg["loss"], "network": {"builder": "unet", "spec": spec},
+                    "schedule": schedule.to_dict(), "sigma_data": cfg["sigma_data"] if cfg["loss"] == "edm" else None})
+    return run_training(task, cfg, dataset, out, modality=modality, normalisation=normalisation, resume=resume,
+                        stop_at=stop_at, data=data)
 
 
 def build_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume]

@@ -21,10 +21,12 @@ from medrecon.diffusion.networks import tiny_network_spec
 from medrecon.diffusion.normalisation import from_network, prior_affine, to_network, validate_normalisation
 from medrecon.diffusion.train import (
     StepBatchSampler,
+    TrainingTask,
     loss_log_path,
     pick_device,
     read_loss_log,
     resolve_train_config,
+    run_training,
     train,
     train_prior,
     warmup_cosine,
@@ -127,6 +129,36 @@ def test_edm_training_lowers_the_loss_and_loads_as_an_edm_prior(discs, tmp_path)
     with torch.no_grad():
         d = prior.denoiser(x, 0.5)
     assert ((d - x0) ** 2).mean() < 0.65 * ((x - x0) ** 2).mean()
+
+
+def test_the_loop_takes_any_task_and_keeps_finish_entries_out_of_the_resume_file(discs, tmp_path):
+    """run_training serves every network (diffusion UNets, the autoencoder): a 3x3 convolution learning the
+    identity trains, ``finish`` gets the EMA network once and its entries go to the checkpoint's train_config
+    only (a resumed run must not inherit them), and a non-finite loss stops the run naming the task."""
+    calls = []
+
+    def finish(ema, device):
+        calls.append((ema, device))
+        return {"extra": float(ema.weight.detach().sum())}
+
+    def task(loss):
+        return TrainingTask(name="identity conv", build=lambda: torch.nn.Conv2d(1, 1, 3, padding=1), loss=loss,
+                            checkpoint={"kind": "slice", "objective": "epsilon",
+                                        "network": {"builder": "conv", "spec": {}}, "schedule": None,
+                                        "sigma_data": None}, finish=finish)
+
+    c = resolve_train_config(cfg(steps=40, checkpoint_every=20, lr=1e-2, warmup_steps=0))
+    res = run_training(task(lambda net, b, g: torch.mean((net(b["x"]) - b["x"]) ** 2)), c, discs,
+                       tmp_path / "conv.pt", modality="CT", normalisation=CT)
+    assert np.mean(res.losses[-5:]) < 0.2 * np.mean(res.losses[:5])
+    saved = torch.load(tmp_path / "conv.pt", weights_only=True)
+    assert len(calls) == 1 and calls[0][1].type == "cpu"
+    assert torch.equal(saved["ema_weights"]["weight"], calls[0][0].weight.detach())
+    assert saved["train_config"]["extra"] == pytest.approx(float(saved["ema_weights"]["weight"].sum()))
+    assert "extra" not in load_resume(resume_path(tmp_path / "conv.pt"))["train_config"]
+    with pytest.raises(ConfigError, match="identity conv training loss became nan at step 1"):
+        run_training(task(lambda net, b, g: net(b["x"]).sum() * float("nan")), c, discs, tmp_path / "nan.pt",
+                     modality="CT", normalisation=CT)
 
 
 @pytest.mark.slow

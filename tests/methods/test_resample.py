@@ -16,6 +16,7 @@ import torch
 
 import medrecon.methods.resample  # noqa: F401  (registers resample and latent_dps)
 from medrecon.diffusion.analytic import GaussianPrior
+from medrecon.diffusion.checkpoint import load_checkpoint, load_resume, resume_path, save_resume
 from medrecon.diffusion.datasets import ArrayDataset
 from medrecon.diffusion.latent import (
     LatentCodec,
@@ -30,6 +31,7 @@ from medrecon.diffusion.latent import (
 )
 from medrecon.diffusion.normalisation import default_normalisation, to_network
 from medrecon.diffusion.schedules import VPSchedule
+from medrecon.diffusion.train import loss_log_path, read_loss_log
 from medrecon.errors import ConfigError, InputError
 from medrecon.io.phantoms import make_phantom
 from medrecon.methods.resample import minimise_mse
@@ -265,6 +267,53 @@ def test_autoencoder_training_resumes_bit_for_bit(tmp_path):
     with pytest.raises(ConfigError, match="kl_weight"):
         train_autoencoder({**cfg, "kl_weight": -1}, ArrayDataset(x), tmp_path / "c.pt", modality="CT",
                           normalisation=norm)
+
+
+def test_autoencoder_shares_the_resume_semantics_of_the_prior_loop_and_keeps_ema_only(tmp_path):
+    """The autoencoder trains in the diffusion priors' loop (train.run_training). Killed at step 5 (last resume
+    state at 4) it redoes step 5, cuts its loss log back and ends with the uninterrupted run's raw and EMA
+    weights and latent scale; a resume file without the torch RNG state (written before the loop was shared)
+    still resumes exactly; a changed option is refused by name; save_raw: false keeps only the EMA weights."""
+    x = _phantom_slices(2, 8, 16)
+    base = {"network": _AE_NET, "batch_size": 4, "steps": 6, "checkpoint_every": 2, "device": "cpu", "lr": 1e-3,
+            "warmup_steps": 2}
+    norm = default_normalisation("CT")
+
+    def run(name, stop_at=None, **over):
+        return train_autoencoder({**base, **over}, ArrayDataset(x), tmp_path / name, modality="CT",
+                                 normalisation=norm, stop_at=stop_at)
+
+    def same(a, b, keys=("weights", "ema_weights")):
+        return all(a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k]) for k in keys)
+
+    full = run("a.pt")
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    killed = run("b.pt", stop_at=5)
+    assert killed.checkpoint is None and load_resume(resume_path(tmp_path / "b.pt"))["step"] == 4
+    assert len(read_loss_log(loss_log_path(tmp_path / "b.pt"))) == 5
+    resumed = run("b.pt")
+    assert resumed.start_step == 4 and resumed.step == 6 and resumed.losses == full.losses
+    assert [r["step"] for r in read_loss_log(loss_log_path(tmp_path / "b.pt"))] == list(range(1, 7))
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert same(a, b) and a["train_config"] == b["train_config"] and a["train_config"]["latent_scale"] > 0
+
+    run("c.pt", stop_at=4)
+    state = load_resume(resume_path(tmp_path / "c.pt"))
+    del state["rng_torch"]
+    save_resume(resume_path(tmp_path / "c.pt"), state)
+    assert run("c.pt").start_step == 4 and same(a, torch.load(tmp_path / "c.pt", weights_only=True))
+
+    run("d.pt", stop_at=2)
+    with pytest.raises(ConfigError, match=r"autoencoder training config differs .*\['kl_weight'\]"):
+        run("d.pt", kl_weight=1e-3)
+
+    run("e.pt", save_raw=False)
+    e = torch.load(tmp_path / "e.pt", weights_only=True)
+    assert e["weights"] == {} and same(a, e, ("ema_weights",))
+    assert e["train_config"]["latent_scale"] == a["train_config"]["latent_scale"]
+    assert load_codec(tmp_path / "e.pt")[1].scale_factor == a["train_config"]["latent_scale"]
+    with pytest.raises(InputError, match="only the EMA weights"):
+        load_checkpoint(tmp_path / "e.pt", ema=False)
 
 
 # --------------------------------------------------------------------------------- tiny trained priors end to end
