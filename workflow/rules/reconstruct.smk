@@ -35,8 +35,9 @@ if SLAB_JOBS == 1:
         threads: 1
         resources:
             mem_mb=8000,
+            gpu=gpus_for(config["reconstruct"]["device"]),
         shell:
-            "medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
+            GPU_SLOT + " medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
             "--config {params.config:q} {params.prior} > {log:q} 2>&1"
 
 else:
@@ -62,8 +63,9 @@ else:
         threads: 1
         resources:
             mem_mb=8000,
+            gpu=gpus_for(config["reconstruct"]["device"]),
         shell:
-            "medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
+            GPU_SLOT + " medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
             "--part {wildcards.part}/{params.jobs} --config {params.config:q} {params.prior} > {log:q} 2>&1"
 
     rule gather:
