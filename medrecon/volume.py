@@ -119,7 +119,22 @@ def default_chunk_depth(shape: tuple[int, ...], itemsize: int = 4) -> int:
 
 
 def _tmp_sibling(path: Path) -> Path:
+    """This process's temporary sibling of ``path``; stale ones left by killed writers are removed first."""
+    for old in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -165,6 +165,7 @@ def test_killing_snakemake_mid_write_then_rerunning_gives_the_uninterrupted_numb
     assert ref_proc.returncode == 0, ref_out[-4000:]
     assert metrics(killed / target) == metrics(ref / target)
     assert Volume.open(recon / "fbp.zarr").meta["complete"]
+    assert not tmp.exists()        # the killed writer's temporary store was cleared by the re-run
 
 
 def _train(out: Path, volume: Path, cfg: dict, **popen) -> subprocess.Popen:
