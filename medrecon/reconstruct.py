@@ -97,14 +97,18 @@ def to_output_units(samples: torch.Tensor, measurement: Measurement) -> np.ndarr
 
 def volume_stats(meas: Measurement, op: Any, plan: list[Slab], device: torch.device) -> dict[str, float]:
     """Whole-volume statistics that slab-wise methods need to behave as on the whole volume (one adjoint per
-    slab, streamed): ``adjoint_abs_max`` = ||A^H y||_inf, the scale of TV's relative weight."""
-    top = 0.0
+    slab, streamed): ``adjoint_abs_max`` = ||A^H y||_inf, the scale of the relative weights of CT TV and MR
+    L1-wavelet / TV, and for non-Cartesian MRI ``gridding_abs_max`` (density-compensated A^H y)."""
+    stats = {"adjoint_abs_max": 0.0}
     with torch.no_grad():
         for s in plan:
             sub = op.slab(s.start, s.stop) if hasattr(op, "slab") else op
             y = torch.from_numpy(meas.read_slab(s.start, s.stop)).to(device)
-            top = max(top, float(sub.adjoint(y).abs().max()))
-    return {"adjoint_abs_max": top}
+            stats["adjoint_abs_max"] = max(stats["adjoint_abs_max"], float(sub.adjoint(y).abs().max()))
+            if hasattr(sub, "gridding"):
+                grid = float(sub.gridding(y.to(torch.complex64)).abs().max())
+                stats["gridding_abs_max"] = max(stats.get("gridding_abs_max", 0.0), grid)
+    return stats
 
 
 def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, device: torch.device,

@@ -398,3 +398,12 @@ def test_ingest_budget_for_dicom_and_compressed_nifti(tmp_path):
     assert "gunzip" in err.value.fix
     assert check_ingest_budget("x", (64, 64, 64), 2.5) <= 2.5  # the same file uncompressed fits
     assert not (tmp_path / "n.zarr").exists()
+
+
+@pytest.mark.parametrize("method,typo", [("sirt", "iters"), ("tv", "lambda"), ("fbp", "filtr")])
+def test_unknown_classical_parameter_is_refused_before_running(ct_measurement, tmp_path, method, typo):
+    cfg = cfgmod.validate({"reconstruct": {"params": {method: {typo: 1}}}})
+    with pytest.raises(ConfigError, match=rf"unknown parameter\(s\) \['{typo}'\] for method '{method}'") as err:
+        reconstruct(ct_measurement, tmp_path / "r.zarr", method, cfg)
+    assert "n_iter" in str(err.value) or "filter" in str(err.value)
+    assert not (tmp_path / "r.zarr").exists()

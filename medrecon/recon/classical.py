@@ -354,7 +354,7 @@ def _result(x: torch.Tensor, problem: ReconProblem, info: SolverInfo, t0: float,
     return ReconResult(samples=x.reshape(1, *problem.image_shape), nfe=nfe, info=d)
 
 
-@register_method("cgls", modalities=("CT",))
+@register_method("cgls", modalities=("CT",), params=("n_iter", "tol", "init"))
 def cgls_method(problem: ReconProblem, params: dict, prior: Any = None,
                 generator: torch.Generator | None = None) -> ReconResult:
     """CGLS. params: ``n_iter`` (int, 30: few iterations act as the regulariser), ``tol`` (float, 1e-6),
@@ -365,7 +365,7 @@ def cgls_method(problem: ReconProblem, params: dict, prior: Any = None,
     return _result(x, problem, info, t0, nfe=2 * info.n_iter + 2)
 
 
-@register_method("sirt", modalities=("CT",))
+@register_method("sirt", modalities=("CT",), params=("n_iter", "nonneg", "relax", "init"))
 def sirt_method(problem: ReconProblem, params: dict, prior: Any = None,
                 generator: torch.Generator | None = None) -> ReconResult:
     """SIRT. params: ``n_iter`` (int, 100), ``nonneg`` (bool, True), ``relax`` (float in (0, 2), 1.0),
@@ -396,7 +396,8 @@ def absolute_tv_weight(op: LinearOperator, y: torch.Tensor, lam: float, scale: s
         return float(lam) * float(op.adjoint(y).abs().max())
 
 
-@register_method("tv", modalities=("CT",))
+@register_method("tv", modalities=("CT",), params=("lam", "lam_scale", "n_iter", "nonneg", "tv_ndim",
+                                                  "spacing_weights", "tol", "init"))
 def tv_method(problem: ReconProblem, params: dict, prior: Any = None,
               generator: torch.Generator | None = None) -> ReconResult:
     """TV-regularised least squares by PDHG.

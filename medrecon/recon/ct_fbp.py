@@ -294,7 +294,7 @@ def fdk(geometry: CTGeometry, y: torch.Tensor | np.ndarray, short_scan: bool = F
     return torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
 
 
-@register_method("fbp", modalities=("CT",))
+@register_method("fbp", modalities=("CT",), params=("filter", "short_scan"))
 def fbp_method(problem: ReconProblem, params: dict, prior: Any = None,
                generator: torch.Generator | None = None) -> ReconResult:
     """FBP. params: ``filter`` ('ram-lak' | 'shepp-logan' | 'cosine' | 'hann', 'ram-lak'), ``short_scan``
@@ -306,7 +306,7 @@ def fbp_method(problem: ReconProblem, params: dict, prior: Any = None,
                        info={"seconds": time.perf_counter() - t0})
 
 
-@register_method("fdk", modalities=("CT",))
+@register_method("fdk", modalities=("CT",), params=("short_scan",))
 def fdk_method(problem: ReconProblem, params: dict, prior: Any = None,
                generator: torch.Generator | None = None) -> ReconResult:
     """FDK (cone beam, GPU only). params: ``short_scan`` (bool, False: ASTRA's Parker weighting)."""

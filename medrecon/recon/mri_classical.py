@@ -108,6 +108,11 @@ def _relative_weight(problem: ReconProblem, params: dict, default: float, method
     if scale != "relative":
         raise ConfigError(f"{method}: unknown lam_scale {scale!r}",
                           fix="use lam_scale: relative or absolute.")
+    gridded = isinstance(problem.operator, Nufft2D) and use_dcf
+    # Slab-wise runs pass the whole volume's maximum (medrecon.reconstruct.volume_stats): one weight for all slabs.
+    whole = problem.meta.get("volume_stats", {}).get("gridding_abs_max" if gridded else "adjoint_abs_max")
+    if whole is not None:
+        return lam * float(whole)
     if isinstance(problem.operator, Nufft2D) and not use_dcf:
         with torch.no_grad():
             ref = problem.operator.adjoint(problem.y.to(torch.complex64))
@@ -121,7 +126,7 @@ def _result(x: torch.Tensor, problem: ReconProblem, seconds: float, info: dict[s
                        info={"seconds": seconds, **info})
 
 
-@register_method("zero_filled", modalities=("MR",))
+@register_method("zero_filled", modalities=("MR",), params=())
 def zero_filled_method(problem: ReconProblem, params: dict, prior: Any = None,
                        generator: torch.Generator | None = None) -> ReconResult:
     """Zero-filled (Cartesian) or gridding (NUFFT) reconstruction; no params."""
@@ -130,7 +135,7 @@ def zero_filled_method(problem: ReconProblem, params: dict, prior: Any = None,
     return _result(x.reshape(problem.image_shape), problem, time.perf_counter() - t0, {"nfe": 1})
 
 
-@register_method("sense", modalities=("MR",))
+@register_method("sense", modalities=("MR",), params=("lam", "n_iter", "dcf_weights"))
 def sense_method(problem: ReconProblem, params: dict, prior: Any = None,
                  generator: torch.Generator | None = None) -> ReconResult:
     """CG-SENSE. params: ``lam`` (float, 0.01; absolute, dimensionless Tikhonov weight), ``n_iter``
@@ -144,7 +149,8 @@ def sense_method(problem: ReconProblem, params: dict, prior: Any = None,
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
 
 
-@register_method("l1_wavelet", modalities=("MR",))
+@register_method("l1_wavelet", modalities=("MR",), params=("lam", "lam_scale", "n_iter", "dcf_weights",
+                                                                 "wavelet"))
 def l1_wavelet_method(problem: ReconProblem, params: dict, prior: Any = None,
                       generator: torch.Generator | None = None) -> ReconResult:
     """L1-wavelet compressed sensing. params: ``lam`` (float, 0.001, relative to max |x_zf|),
@@ -158,7 +164,7 @@ def l1_wavelet_method(problem: ReconProblem, params: dict, prior: Any = None,
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
 
 
-@register_method("mri_tv", modalities=("MR",))
+@register_method("mri_tv", modalities=("MR",), params=("lam", "lam_scale", "n_iter", "dcf_weights"))
 def mri_tv_method(problem: ReconProblem, params: dict, prior: Any = None,
                   generator: torch.Generator | None = None) -> ReconResult:
     """TV-regularised SENSE. params: ``lam`` (float, 0.005, relative to max |x_zf|), ``lam_scale``,

@@ -7,12 +7,14 @@ slab splitting and storage happen outside, in the CLI, so every method is writte
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from medrecon.errors import ConfigError
 from medrecon.physics.operator import LinearOperator
 
 
@@ -53,14 +55,34 @@ METHODS: dict[str, Method] = {}
 METHOD_MODALITIES: dict[str, tuple[str, ...]] = {}
 
 
-def register_method(name: str, modalities: tuple[str, ...] = ("CT", "MR")) -> Callable[[Method], Method]:
-    """Function decorator: register a reconstruction method under ``name`` for the given modalities."""
+def register_method(name: str, modalities: tuple[str, ...] = ("CT", "MR"),
+                    params: tuple[str, ...] | None = None) -> Callable[[Method], Method]:
+    """Function decorator: register a reconstruction method under ``name`` for the given modalities.
+
+    ``params``: the keys the method reads; any other key in its params is a :class:`ConfigError` before it runs
+    (a typo such as ``iters`` for ``n_iter`` must not pass silently). Methods that check their own parameters
+    (the diffusion samplers, with defaults) leave it None.
+    """
 
     def deco(fn: Method) -> Method:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = fn
+        run = fn
+        if params is not None:
+            allowed = frozenset(params)
+
+            @functools.wraps(fn)
+            def run(problem: ReconProblem, p: dict, prior: Any = None,
+                    generator: torch.Generator | None = None) -> ReconResult:
+                unknown = sorted(set(p or {}) - allowed)
+                if unknown:
+                    raise ConfigError(f"unknown parameter(s) {unknown} for method {name!r}",
+                                      fix=f"use only {sorted(allowed) or 'no parameters'} under "
+                                          f"reconstruct.params.{name} (see the method's docstring)")
+                return fn(problem, p, prior, generator)
+
+        METHODS[name] = run
         METHOD_MODALITIES[name] = modalities
-        return fn
+        return run
 
     return deco

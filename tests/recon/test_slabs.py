@@ -131,3 +131,15 @@ def test_interrupted_run_resumes_from_finished_slabs(ct_meas, tmp_path, monkeypa
     out = reconstruct(ct_meas, tmp_path / "out.zarr", "sirt", cfg)
     assert calls["n"] == -100 + 2          # only the two unfinished slabs were solved again
     np.testing.assert_array_equal(out.read(), ref)
+
+
+def test_mr_relative_weight_is_the_whole_volumes_in_slabs(tmp_path):
+    """L1-wavelet's relative weight scales with max |A^H y|: slab by slab it must be the whole volume's, else each
+    slab gets its own weight (seams). With it, the slab result equals the whole-volume one up to solver noise."""
+    vol = write_phantom_volume("mr_brain", tmp_path / "mr.zarr", (12, 32, 32), (3.0, 4.0, 4.0), 6, chunk_depth=4)
+    m = measure(vol, tmp_path / "k.zarr", cfgmod.validate({"measure": {"mr": {"coils": 4, "acs_lines": 8}}}))
+    whole = reconstruct(m, tmp_path / "w.zarr", "l1_wavelet", _cfg("l1_wavelet", 0, n_iter=30)).read()
+    slab = reconstruct(m, tmp_path / "s.zarr", "l1_wavelet", _cfg("l1_wavelet", 4, 2, n_iter=30)).read()
+    # l1_wavelet works slice by slice: with one weight for all slabs the result is the same up to solver noise.
+    # Measured: max difference 6.7e-5 of the image maximum; with per-slab weights 2.2e-3.
+    np.testing.assert_allclose(slab, whole, rtol=0, atol=1e-4 * float(np.abs(whole).max()))
