@@ -226,12 +226,14 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
                           "priors": [(str(p), Path(p).stat().st_mtime_ns) for p in paths]})
     out = Path(out)
     todo = plan if part is None else part_slabs(plan, *part)
-    folder = out.with_name(out.name + ".slabs") if part is None else _tmp_folder(out)
-    if part is None and len(plan) == 1:
-        folder = None
+    # Where finished slabs go: a part job's folder (renamed into place at the end), or the single job's scratch
+    # folder beside the output (kept across an interruption); a one-slab plan writes the output directly.
+    if part is not None:
+        folder: Path | None = _tmp_folder(out)
+    else:
+        folder = out.with_name(out.name + ".slabs") if len(plan) > 1 else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    slab_meta: dict[str, Any] = {}
     stats = None
     for slab in todo:
         target = None if folder is None else folder / slab.name
