@@ -21,44 +21,20 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import medrecon.methods  # noqa: F401  (registers dps, dds)
-from medrecon.diffusion.analytic import GaussianMixturePrior, GaussianPrior
+from medrecon.diffusion.analytic import (
+    DenseOperator,
+    GaussianMixturePrior,
+    GaussianPrior,
+    linear_gaussian_problem,
+)
 from medrecon.diffusion.schedules import VPSchedule, sample_vp
-from medrecon.physics.operator import LinearOperator
 from medrecon.recon.registry import METHODS, ReconProblem
 
 F64 = torch.float64
 OUT = Path(__file__).resolve().parent / "out" / "fidelity.json"
-
-
-class DenseOperator(LinearOperator):
-    """y = M vec(x) for every leading batch element (a small dense matrix; benchmark-only, unregistered)."""
-
-    def __init__(self, m: torch.Tensor, in_shape: tuple[int, ...]) -> None:
-        self.m = torch.as_tensor(m)
-        self.in_shape, self.out_shape = tuple(in_shape), (self.m.shape[0],)
-        self.in_dtype = self.out_dtype = torch.complex64 if self.m.is_complex() else torch.float32
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[: x.ndim - len(self.in_shape)]
-        return (x.reshape(*lead, -1).to(self.m.dtype) @ self.m.T).to(x.dtype)
-
-    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return (y.to(self.m.dtype) @ self.m.conj()).to(y.dtype).reshape(*y.shape[:-1], *self.in_shape)
-
-    @classmethod
-    def example(cls) -> DenseOperator:
-        return cls(torch.eye(2), (2,))
-
-    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        return {}, {"m": self.m.numpy()}
-
-    @classmethod
-    def from_state(cls, params, arrays, device="cpu") -> DenseOperator:
-        raise NotImplementedError
 
 
 def _norm_cdf(z: torch.Tensor) -> torch.Tensor:
@@ -85,21 +61,6 @@ def summary_1d(x: torch.Tensor) -> dict[str, float]:
     x = x.reshape(-1).double()
     return {"mean": float(x.mean()), "std": float(x.std()),
             "mass_below_-1.25": float((x < -1.25).double().mean())}
-
-
-def linear_gaussian_problem(seed: int = 0) -> tuple[GaussianPrior, GaussianPrior, ReconProblem]:
-    """d = 64 (8x8) prior N(0, K_se(l=2) + 0.05 I), A (32, 64) Gaussian / 8, sigma_y = 0.1."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
-    pts = torch.stack([yy.ravel(), xx.ravel()], 1).double()
-    cov = torch.exp(-torch.cdist(pts, pts) ** 2 / 8.0) + 0.05 * torch.eye(64, dtype=F64)
-    prior = GaussianPrior(torch.zeros(64, dtype=F64), cov)
-    a = torch.randn(32, 64, generator=g, dtype=F64) / 8
-    s_y = 0.1
-    y = a @ prior.sample(1, g)[0] + s_y * torch.randn(32, generator=g, dtype=F64)
-    prob = ReconProblem(y=y.float(), operator=DenseOperator(a, (1, 8, 8)), modality="CT",
-                        image_shape=(1, 8, 8), noise_std=s_y)
-    return prior, prior.posterior(a, y, s_y), prob
 
 
 def summary_lg(x: torch.Tensor, post: GaussianPrior) -> dict[str, float]:

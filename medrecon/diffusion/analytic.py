@@ -13,6 +13,9 @@ Every covariance is held as an eigendecomposition (U, lambda), which makes all o
 a per-eigenvalue shrinkage and a back-projection, batched over samples and noise levels, in float64.
 Inputs ``(B, *shape)`` are flattened to ``(B, d)`` and results returned in the caller's shape and dtype,
 so the same object serves vectors (tests) and image slices (samplers; see :meth:`as_prior`).
+
+:class:`DenseOperator` and :func:`linear_gaussian_problem` give the sampler tests and ``benchmarks/fidelity.py``
+one shared problem whose posterior is known exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import math
 import torch
 
 from medrecon.diffusion.denoiser import Denoiser, Prior, sigma_batch
+from medrecon.physics.operator import LinearOperator
+from medrecon.recon.registry import ReconProblem
 
 _F64 = torch.float64
 
@@ -231,3 +236,47 @@ class GaussianPrior(GaussianMixturePrior):
         g = a @ c @ a.T + noise_std**2 * torch.eye(a.shape[0], dtype=_F64)
         sol = torch.linalg.solve(g, (y[None] - m @ a.T).T).T           # (B, m)
         return (sol @ a @ j).reshape(shape).to(x.dtype)
+
+
+class DenseOperator(LinearOperator):
+    """y = M vec(x) for every leading batch element: a small dense matrix for analytic test problems
+    (not registered, not stored in measurements)."""
+
+    def __init__(self, m: torch.Tensor, in_shape: tuple[int, ...]) -> None:
+        self.m = torch.as_tensor(m)
+        self.in_shape, self.out_shape = tuple(in_shape), (self.m.shape[0],)
+        self.in_dtype = self.out_dtype = torch.complex64 if self.m.is_complex() else torch.float32
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        return (x.reshape(*lead, -1).to(self.m.dtype) @ self.m.T).to(x.dtype)
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return (y.to(self.m.dtype) @ self.m.conj()).to(y.dtype).reshape(*y.shape[:-1], *self.in_shape)
+
+    @classmethod
+    def example(cls) -> DenseOperator:
+        return cls(torch.eye(2), (2,))
+
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    @classmethod
+    def from_state(cls, params: dict, arrays: dict, device: torch.device | str = "cpu") -> DenseOperator:
+        raise NotImplementedError("DenseOperator is for in-memory analytic problems only")
+
+
+def linear_gaussian_problem(seed: int = 0) -> tuple[GaussianPrior, GaussianPrior, ReconProblem]:
+    """d = 64 (8x8) prior N(0, K_se(l=2) + 0.05 I), A (32, 64) Gaussian / 8, sigma_y = 0.1: prior, exact
+    posterior and the ReconProblem."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    pts = torch.stack([yy.ravel(), xx.ravel()], 1).double()
+    cov = torch.exp(-torch.cdist(pts, pts) ** 2 / 8.0) + 0.05 * torch.eye(64, dtype=_F64)
+    prior = GaussianPrior(torch.zeros(64, dtype=_F64), cov)
+    a = torch.randn(32, 64, generator=g, dtype=_F64) / 8
+    s_y = 0.1
+    y = a @ prior.sample(1, g)[0] + s_y * torch.randn(32, generator=g, dtype=_F64)
+    prob = ReconProblem(y=y.float(), operator=DenseOperator(a, (1, 8, 8)), modality="CT",
+                        image_shape=(1, 8, 8), noise_std=s_y)
+    return prior, prior.posterior(a, y, s_y), prob

@@ -14,42 +14,20 @@ import pytest
 import torch
 
 import medrecon.methods  # noqa: F401  (registers dps and dds)
-from medrecon.diffusion.analytic import GaussianMixturePrior, GaussianPrior
+from medrecon.diffusion.analytic import (
+    DenseOperator,
+    GaussianMixturePrior,
+    GaussianPrior,
+    linear_gaussian_problem,
+)
 from medrecon.diffusion.dc import ZTVState, cg_normal, diff_z, diff_z_adjoint, soft_threshold, ztv_admm_step
 from medrecon.diffusion.schedules import VPSchedule, sample_vp
 from medrecon.errors import ConfigError, InputError
-from medrecon.physics.operator import LinearOperator, dot_test
+from medrecon.physics.operator import dot_test
 from medrecon.recon.registry import METHODS, ReconProblem
 
 F64 = torch.float64
 
-
-
-class Dense(LinearOperator):
-    """y = M vec(x) for every leading batch element; test-only, not registered."""
-
-    def __init__(self, m: torch.Tensor, in_shape: tuple[int, ...]) -> None:
-        self.m = torch.as_tensor(m)
-        self.in_shape, self.out_shape = tuple(in_shape), (self.m.shape[0],)
-        self.in_dtype = self.out_dtype = torch.complex64 if self.m.is_complex() else torch.float32
-
-    def _forward(self, x):
-        lead = x.shape[: x.ndim - len(self.in_shape)]
-        return (x.reshape(*lead, -1).to(self.m.dtype) @ self.m.T).to(x.dtype)
-
-    def _adjoint(self, y):
-        return (y.to(self.m.dtype) @ self.m.conj()).to(y.dtype).reshape(*y.shape[:-1], *self.in_shape)
-
-    @classmethod
-    def example(cls):
-        return cls(torch.eye(2), (2,))
-
-    def state(self):
-        return {}, {}
-
-    @classmethod
-    def from_state(cls, params, arrays, device="cpu"):
-        raise NotImplementedError
 
 
 def _se_ok(value: float, target: float, se: float, allowance: float = 0.0, k: float = 4.0) -> bool:
@@ -102,7 +80,7 @@ SEED = dict(weights=[0.3, 0.5, 0.2], means=[[-2.5], [0.0], [1.5]], covs=[[0.09],
 def _seed():
     prior = GaussianMixturePrior(**SEED)
     post = prior.posterior(torch.ones(1, 1), torch.tensor([0.5]), 0.8)
-    prob = ReconProblem(y=torch.tensor([0.5]), operator=Dense(torch.ones(1, 1, dtype=F64), (1, 1)),
+    prob = ReconProblem(y=torch.tensor([0.5]), operator=DenseOperator(torch.ones(1, 1, dtype=F64), (1, 1)),
                         modality="CT", image_shape=(1, 1, 1), noise_std=0.8)
     sd = post.covs[:, 0, 0].sqrt()
     mass = float((post.weights * 0.5 * (1 + torch.erf((-1.25 - post.means[:, 0]) / sd / math.sqrt(2)))).sum())
@@ -147,19 +125,6 @@ def test_dps_on_seed_problem_is_biased(guidance, zeta, what):
 # linear-Gaussian problem, d = 64
 
 
-def _lingauss(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
-    pts = torch.stack([yy.ravel(), xx.ravel()], 1).double()
-    cov = torch.exp(-torch.cdist(pts, pts) ** 2 / 8.0) + 0.05 * torch.eye(64, dtype=F64)
-    prior = GaussianPrior(torch.zeros(64, dtype=F64), cov)
-    a = torch.randn(32, 64, generator=g, dtype=F64) / 8
-    y = a @ prior.sample(1, g)[0] + 0.1 * torch.randn(32, generator=g, dtype=F64)
-    prob = ReconProblem(y=y.float(), operator=Dense(a, (1, 8, 8)), modality="CT", image_shape=(1, 8, 8),
-                        noise_std=0.1)
-    return prior, prior.posterior(a, y, 0.1), prob
-
-
 @pytest.mark.parametrize(("method", "params", "n", "mean_bound", "std_bound"), [
     # measured (relative errors of mean / per-pixel std): DDS 0.10 / 0.13 (1000 samples, fidelity benchmark);
     # DPS zeta=0.3, 500 steps, 200 samples: 0.087 / 0.18. MC error of the mean at n = 200: 0.018.
@@ -168,7 +133,7 @@ def _lingauss(seed: int = 0):
     ("dps", {"zeta": 0.3, "steps": 500}, 200, 0.16, 0.28),
 ])
 def test_posterior_mean_error_on_linear_gaussian_problem(method, params, n, mean_bound, std_bound):
-    prior, post, prob = _lingauss()
+    prior, post, prob = linear_gaussian_problem()
     r = METHODS[method](prob, {**params, "samples": n, "dtype": "float64"}, prior.as_prior(),
                         torch.Generator().manual_seed(24))
     x = r.samples.reshape(n, -1).double()
@@ -191,7 +156,7 @@ def test_cg_normal_matches_lstsq_real_and_complex():
         if cplx:
             a = torch.complex(a, torch.randn(40, 12, generator=g, dtype=F64))
             y = torch.complex(y, torch.randn(40, generator=g, dtype=F64))
-        op = Dense(a, (12,))
+        op = DenseOperator(a, (12,))
         x0 = torch.zeros(12, dtype=a.dtype)
         x = cg_normal(op, y, x0, n_iter=30, tol=1e-14)
         want = np.linalg.lstsq(a.numpy(), y.numpy(), rcond=None)[0]
@@ -206,7 +171,7 @@ def test_cg_normal_matches_lstsq_real_and_complex():
 
 def test_cg_per_slice_and_joint_agree_at_convergence_and_samples_stay_independent():
     g = torch.Generator().manual_seed(31)
-    op = Dense(torch.randn(20, 9, generator=g, dtype=F64), (3, 3))
+    op = DenseOperator(torch.randn(20, 9, generator=g, dtype=F64), (3, 3))
     y = torch.randn(4, 20, generator=g, dtype=F64)           # 4 slices
     x0 = torch.randn(2, 4, 3, 3, generator=g, dtype=F64)     # 2 samples x 4 slices
     joint = cg_normal(op, y, x0, n_iter=60, tol=0, n_batch=1)
@@ -230,7 +195,7 @@ def test_ztv_pieces():
     zc = soft_threshold(torch.tensor([3 + 4j]), 1.0)
     torch.testing.assert_close(zc, torch.tensor([2.4 + 3.2j]))
     # x-update of the first ADMM step (z = u = 0) solves (A^T A + rho D^T D) x = A^T y at convergence
-    op = Dense(torch.randn(12, 9, generator=g, dtype=F64), (3, 3))  # full column rank: a unique solution
+    op = DenseOperator(torch.randn(12, 9, generator=g, dtype=F64), (3, 3))  # full column rank: a unique solution
     y = torch.randn(5, 12, generator=g, dtype=F64)
     state = ZTVState()
     xs = ztv_admm_step(op, y, torch.zeros(1, 5, 3, 3, dtype=F64), state, rho=2.0, lam=0.3, n_cg=200,
@@ -269,7 +234,7 @@ def _slices(cplx: bool, seed: int = 40):
     x_true = prior.sample(4, g)                              # (4, d)
     y_real = x_true @ a_real.T + noise * torch.randn(4, a_real.shape[0], generator=g, dtype=F64)
     y = torch.complex(y_real[:, :24], y_real[:, 24:]) if cplx else y_real
-    op = Dense(a, (8, 8))
+    op = DenseOperator(a, (8, 8))
     prob = ReconProblem(y=y.to(op.out_dtype), operator=op, modality="MR" if cplx else "CT",
                         image_shape=(4, 8, 8), noise_std=s_y)
     posts = [prior.posterior(a_real, y_real[z], noise) for z in range(4)]
@@ -328,4 +293,4 @@ def test_method_errors_are_clear():
     with pytest.raises(ConfigError, match="noise"):
         METHODS["dps"](ReconProblem(prob.y, prob.operator, "MR", (4, 8, 8)), {"guidance": "gaussian"},
                        prior.as_prior(channels=2), None)
-    assert dot_test(Dense(torch.randn(5, 6, dtype=torch.complex128), (2, 3))) < 1e-6
+    assert dot_test(DenseOperator(torch.randn(5, 6, dtype=torch.complex128), (2, 3))) < 1e-6
