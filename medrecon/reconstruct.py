@@ -95,24 +95,37 @@ def to_output_units(samples: torch.Tensor, measurement: Measurement) -> np.ndarr
     return (x.abs() if x.is_complex() else x).numpy().astype(np.float32)
 
 
-def volume_stats(meas: Measurement, op: Any, plan: list[Slab], device: torch.device) -> dict[str, float]:
-    """Whole-volume statistics that slab-wise methods need to behave as on the whole volume (one adjoint per
-    slab, streamed): ``adjoint_abs_max`` = ||A^H y||_inf, the scale of the relative weights of CT TV and MR
-    L1-wavelet / TV, and for non-Cartesian MRI ``gridding_abs_max`` (density-compensated A^H y)."""
-    stats = {"adjoint_abs_max": 0.0}
-    with torch.no_grad():
-        for s in plan:
-            sub = op.slab(s.start, s.stop) if hasattr(op, "slab") else op
-            y = torch.from_numpy(meas.read_slab(s.start, s.stop)).to(device)
-            stats["adjoint_abs_max"] = max(stats["adjoint_abs_max"], float(sub.adjoint(y).abs().max()))
-            if hasattr(sub, "gridding"):
-                grid = float(sub.gridding(y.to(torch.complex64)).abs().max())
-                stats["gridding_abs_max"] = max(stats.get("gridding_abs_max", 0.0), grid)
-    return stats
+class VolumeStats:
+    """Whole-volume statistics that slab-wise methods need to behave as on the whole volume, computed on first
+    use (one adjoint per slab, streamed) so methods that never ask (FBP, the samplers) pay nothing:
+    ``adjoint_abs_max`` = ||A^H y||_inf, the scale of the relative weights of CT TV and MR L1-wavelet / TV, and
+    for non-Cartesian MRI ``gridding_abs_max`` (density-compensated A^H y)."""
+
+    def __init__(self, meas: Measurement, op: Any, plan: list[Slab], device: torch.device) -> None:
+        self._args = (meas, op, plan, device)
+        self._stats: dict[str, float] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self._stats is None:
+            self._stats = self._compute(*self._args)
+        return self._stats.get(key, default)
+
+    @staticmethod
+    def _compute(meas: Measurement, op: Any, plan: list[Slab], device: torch.device) -> dict[str, float]:
+        stats = {"adjoint_abs_max": 0.0}
+        with torch.no_grad():
+            for s in plan:
+                sub = op.slab(s.start, s.stop) if hasattr(op, "slab") else op
+                y = torch.from_numpy(meas.read_slab(s.start, s.stop)).to(device)
+                stats["adjoint_abs_max"] = max(stats["adjoint_abs_max"], float(sub.adjoint(y).abs().max()))
+                if hasattr(sub, "gridding"):
+                    grid = float(sub.gridding(y.to(torch.complex64)).abs().max())
+                    stats["gridding_abs_max"] = max(stats.get("gridding_abs_max", 0.0), grid)
+        return stats
 
 
 def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, device: torch.device,
-                  stats: dict[str, float] | None = None) -> ReconProblem:
+                  stats: VolumeStats | None = None) -> ReconProblem:
     """The inverse problem of one slab (for a per-slice operator: slices lo..hi-1 and their data)."""
     z, y_, x_ = meas.image_shape
     if per_slice and (slab.lo, slab.hi) != (0, z):
@@ -234,14 +247,12 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
         folder = out.with_name(out.name + ".slabs") if len(plan) > 1 else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    stats = None
+    stats = VolumeStats(meas, op, plan, device) if len(plan) > 1 else None
     for slab in todo:
         target = None if folder is None else folder / slab.name
         if target is not None and _finished_slab(target, digest):
             log.info("%s: slab %d already finished (%s)", method, slab.index, target)
             continue
-        if stats is None and len(plan) > 1:
-            stats = volume_stats(meas, op, plan, device)
         problem = _slab_problem(meas, op, slab, per_slice, device, stats)
         core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
         result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),

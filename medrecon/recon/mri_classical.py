@@ -109,7 +109,7 @@ def _relative_weight(problem: ReconProblem, params: dict, default: float, method
         raise ConfigError(f"{method}: unknown lam_scale {scale!r}",
                           fix="use lam_scale: relative or absolute.")
     gridded = isinstance(problem.operator, Nufft2D) and use_dcf
-    # Slab-wise runs pass the whole volume's maximum (medrecon.reconstruct.volume_stats): one weight for all slabs.
+    # Slab-wise runs pass the whole volume's maximum (medrecon.reconstruct.VolumeStats): one weight for all slabs.
     whole = problem.meta.get("volume_stats", {}).get("gridding_abs_max" if gridded else "adjoint_abs_max")
     if whole is not None:
         return lam * float(whole)
