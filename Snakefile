@@ -16,6 +16,7 @@ validate(config, "medrecon/config/schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/resample.smk"
 include: "workflow/rules/measure.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/reconstruct.smk"

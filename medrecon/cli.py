@@ -146,6 +146,23 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- resample
+@verb("resample", "put a volume on the study's reconstruction grid (config 'grid'): the reference volume")
+def _resample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("volume", help="input medrecon volume (.zarr), e.g. from `medrecon ingest`")
+    p.add_argument("out", help="output volume (.zarr) on the grid")
+    _config_arg(p)
+
+
+@_resample_args.run
+def _resample(a: argparse.Namespace) -> int:
+    from medrecon import config as cfgmod
+    from medrecon.grid import resample
+
+    print(resample(a.volume, a.out, cfgmod.load(a.config)["grid"]).path)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- measure
 @verb("measure", "simulate a CT sinogram (ASTRA) or multi-coil k-space (SigPy) with noise from a volume")
 def _measure_args(p: argparse.ArgumentParser) -> None:

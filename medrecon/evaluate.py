@@ -17,10 +17,9 @@ from typing import Any
 
 from medrecon import metrics
 from medrecon.errors import InputError
-from medrecon.measure import volume_fingerprint
 from medrecon.measurement import Measurement
 from medrecon.provenance import provenance, to_jsonable
-from medrecon.volume import Volume
+from medrecon.volume import Volume, volume_fingerprint
 
 log = logging.getLogger("medrecon.evaluate")
 
@@ -92,12 +91,21 @@ def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dic
         n = int(record.get("samples", 0)) or None
         for k in (1, 2):
             scalars[f"cov{k}_expected"] = metrics.expected_coverage(k, n)
+    notes = list(result.get("notes", []))
+    grid = ref.meta.get("grid")
+    if grid is not None:
+        from medrecon.grid import describe
+
+        notes.append(f"reference = the ingested volume {grid['source_shape']} at {grid['source_spacing']} mm "
+                     f"resampled onto the study grid ({describe(grid)}; {grid['interpolation']})")
     doc = {
         "subject": subject, "method": method, "modality": ref.modality, "window": list(window),
         "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()},
         "per_slice": {"psnr": result["psnr_per_slice"], "ssim": result["ssim_per_slice"]},
-        "info": result.get("info", {}), "notes": result.get("notes", []),
+        "info": result.get("info", {}), "notes": notes,
         "reference": str(reference), "recon": str(recon),
+        # Scored on the study's reconstruction grid: the reference is the ingested volume resampled onto it.
+        "reference_grid": ref.meta.get("grid"),
         "provenance": provenance({"evaluate": cfg["evaluate"]}),
     }
     out = Path(out)

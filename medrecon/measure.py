@@ -23,8 +23,8 @@ import torch
 from medrecon.errors import ConfigError, DeviceError, InputError
 from medrecon.measurement import measurement_writer
 from medrecon.physics.operator import LinearOperator
-from medrecon.provenance import config_hash, provenance
-from medrecon.volume import Volume
+from medrecon.provenance import provenance
+from medrecon.volume import Volume, volume_fingerprint
 
 log = logging.getLogger("medrecon.measure")
 
@@ -51,13 +51,6 @@ def _slabs(vol: Volume, op: LinearOperator):
             yield z0, z1, _finite(vol, z0, data)
     else:
         yield 0, vol.shape[0], _finite(vol, 0, vol.read())
-
-
-def volume_fingerprint(vol: Volume) -> str:
-    """Identity of a volume's content: the hash of its attributes without provenance (source file hashes,
-    geometry, value range, phantom parameters), so a copied store matches and a re-made one with the same
-    content too, while a measurement checked against another volume of the same grid does not."""
-    return config_hash({k: v for k, v in vol.meta.items() if k != "provenance"})
 
 
 def _require_cone_device(vol: Volume, device: torch.device) -> None:
@@ -162,6 +155,8 @@ def _meta(vol: Volume, cfg: dict[str, Any], seed: int, noise: dict, **extra: Any
         "modality": vol.modality, "image_geometry": vol.geometry.to_dict(), "image_shape": list(vol.shape),
         "reference_volume": str(vol.path), "reference_fingerprint": volume_fingerprint(vol),
         "noise": noise, "seeds": {"measure": seed},
+        # the reconstruction grid (medrecon.grid) the reference is on; None: measured on an un-resampled volume
+        "grid": vol.meta.get("grid"),
         "provenance": provenance({"measure": cfg["measure"]}, seeds={"measure": seed}), **extra,
     }
 

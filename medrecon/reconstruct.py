@@ -74,6 +74,33 @@ def load_methods() -> dict:
     return METHODS
 
 
+def check_prior_grids(paths: list[str | Path], meas: Measurement, method: str) -> None:
+    """Refuse a prior trained on another reconstruction grid than the measurement's (:mod:`medrecon.grid`).
+
+    A prior knows anatomy at the pixel scale it was trained at; applied at another scale it is silently wrong.
+    Measurements simulated from a volume that was not put on a grid (library use, tests) are not checked.
+    """
+    from medrecon.diffusion.checkpoint import read_grid
+    from medrecon.grid import describe, same_grid
+
+    meas_grid = meas.meta.get("grid")
+    if meas_grid is None:
+        return
+    fix = ("train the prior on this grid (the workflow's train rule uses the study's grid), point "
+           "reconstruct.priors at one trained on it, or set the study's grid to the prior's")
+    for path in paths:
+        grid, uses_slices, own = read_grid(path)
+        if not own:       # a latent prior: its autoencoder (checked too) fixes the grid
+            continue
+        if grid is None:
+            raise ConfigError(f"Prior {path} for {method!r} records no reconstruction grid (trained on slices "
+                              f"resized in pixels), so it cannot be checked against the measurement's grid "
+                              f"({describe(meas_grid)}).", fix=fix)
+        if not same_grid(grid, meas_grid, with_slices=uses_slices):
+            raise ConfigError(f"Prior {path} for {method!r} was trained on the grid ({describe(grid)}) but the "
+                              f"measurement {meas.path} is on the grid ({describe(meas_grid)}).", fix=fix)
+
+
 def pick_device(setting: str) -> torch.device:
     """'auto' → CUDA when available else CPU; 'cuda' on a machine without one is a clear error."""
     if setting == "cuda" and not torch.cuda.is_available():
@@ -219,6 +246,7 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     paths = [] if prior_path is None else [prior_path] if isinstance(prior_path, str | Path) else list(prior_path)
     prior = None
     if paths:
+        check_prior_grids(paths, meas, method)
         load = prior_loader(method)
         # Methods work in the operator's image domain: attenuation (1/mm) for CT, the native image for MR.
         if meas.modality == "CT":
@@ -231,6 +259,7 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
         "units": "HU" if meas.modality == "CT" else meas.meta.get("image_units", "arbitrary"),
         "kind": "reconstruction", "method": method, "params": params,
         "measurement": str(measurement_path), "prior": [str(p) for p in paths] or None,
+        "grid": meas.meta.get("grid"),
         "provenance": provenance({"reconstruct": rcfg, "method": method}, seeds={"reconstruct": seed},
                                  device=str(device)),
     }

@@ -37,7 +37,7 @@ import zarr
 import zarr.codecs
 
 from medrecon.errors import InputError
-from medrecon.provenance import to_jsonable
+from medrecon.provenance import config_hash, to_jsonable
 
 FORMAT = "medrecon-volume/1"
 ARRAY = "0"
@@ -374,3 +374,10 @@ class Volume:
         """Metadata summary for ``medrecon info``."""
         return {"path": str(self.path), "shape": list(self.shape), "dtype": str(self.array.dtype),
                 "chunks": list(self.array.chunks), **self.meta}
+
+
+def volume_fingerprint(vol: Volume) -> str:
+    """Identity of a volume's content: the hash of its attributes without provenance (source file hashes,
+    geometry, value range, phantom parameters), so a copied store matches and a re-made one with the same
+    content too, while a measurement checked against another volume of the same grid does not."""
+    return config_hash({k: v for k, v in vol.meta.items() if k != "provenance"})

@@ -69,7 +69,12 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     assert m["sense"]["psnr"] > m["zero_filled"]["psnr"]
     rec = Volume.open(res / "c1" / "recon" / "fbp.zarr")
     assert rec.meta["units"] == "HU" and rec.meta["provenance"]["config_hash"]
-    assert Volume.open(res / "c1" / "volume.zarr").geometry.isclose(rec.geometry)
+    # Reconstructed on the study's grid (default size 64: the 48-px, 6 mm phantom at 4.5 mm), scored against the
+    # ingested volume resampled onto it; the ingested volume itself is untouched.
+    ref = Volume.open(res / "c1" / "reference.zarr")
+    assert ref.geometry.isclose(rec.geometry) and ref.shape == (12, 64, 64) == rec.shape
+    assert rec.meta["grid"]["size"] == [64, 64] and Volume.open(res / "c1" / "volume.zarr").shape == (12, 48, 48)
+    assert json.loads((res / "c1" / "metrics" / "fbp.json").read_text())["reference_grid"]["size"] == [64, 64]
     # Snakemake's own records: a log and a benchmark for every job.
     assert (res / "logs" / "c1" / "reconstruct_fbp.log").exists()
     assert (res / "benchmarks" / "c1" / "measure.tsv").exists()

@@ -311,3 +311,44 @@ def load_resume(path: str | Path) -> dict[str, Any]:
     """Read and verify a resume file (InputError naming it when corrupted)."""
     return _load_hashed(Path(path), RESUME_FORMAT, "training resume file",
                         fix="delete it to start training from scratch")
+
+
+# ---------------------------------------------------------------------------------------------- grid
+
+
+def training_grid(content: dict[str, Any]) -> dict[str, Any] | None:
+    """The reconstruction grid (:mod:`medrecon.grid`) a prior was trained on, from its data record.
+
+    Volumes made by ``medrecon resample`` record their grid, and the checkpoint keeps it per training volume.
+    Checkpoints from before grids existed are read by what their training did: slices already of the
+    network's square ``image_size`` were used as they were (no resizing), so such a prior was trained on the
+    grid ``size = image_size``; if any training volume had another in-plane size it was resized in pixels
+    and its grid is unknown (None).
+    """
+    vols = [d for d in content.get("data", []) if "shape" in d]
+    if not vols:
+        return None
+    grids = [d.get("grid") for d in vols]
+    if all(g is not None for g in grids):
+        return grids[0]
+    spec = (content.get("network") or {}).get("spec") or {}
+    size = spec.get("image_size") or content.get("train_config", {}).get("image_size")
+    if content.get("kind") == "patch":   # patches are cut from the slices as they are: no resizing ever
+        shapes = {tuple(d["shape"][1:]) for d in vols}
+        size = next(iter(shapes))[0] if len(shapes) == 1 and len(next(iter(shapes))) == 2 else None
+    if size and all(list(d["shape"][1:]) == [size, size] for d in vols):
+        return {"size": [int(size), int(size)], "spacing": None, "slice_spacing": None}
+    return None
+
+
+def read_grid(path: str | Path) -> tuple[dict[str, Any] | None, bool, bool]:
+    """``(grid, uses_slices, own_data)`` of the checkpoint at ``path``: its training grid, whether the prior
+    couples slices (slab and 3D-patch priors, whose z scale matters), and whether it was trained on volumes
+    at all (a latent prior is trained on its autoencoder and inherits that one's grid)."""
+    p = Path(path)
+    c = _load_hashed(p, FORMAT, "prior checkpoint",
+                     fix="train the prior first (`medrecon train`) or fix the checkpoint path in the config")
+    spec = (c.get("network") or {}).get("spec") or {}
+    uses_slices = c.get("kind") == "slab" or (c.get("kind") == "patch" and int(spec.get("coord_channels", 2)) == 3)
+    own = any("shape" in d for d in c.get("data", []))
+    return training_grid(c), uses_slices, own

@@ -13,11 +13,14 @@ Design (so slab and patch datasets can be added on the same machinery):
   conditioning passed to the network as keyword arguments (``"class_labels"`` a long scalar, ``"coords"``
   (K, H, W) coordinate maps) - the same names ``Prior.cond`` uses at sampling time.
 
-:class:`SliceDataset` (kind ``"slice"``) gives single axial slices. Each slice is normalised
-(:mod:`medrecon.diffusion.normalisation`; CT clipped to the window), padded to a square with the
-background value (air) and resized to ``image_size`` (area averaging when shrinking, bilinear when
-enlarging; ``fit="crop"`` centre-crops to a square instead of padding). Resizing works in pixels: the
-in-plane spacing is not resampled to be isotropic. Flips: left-right (``"x"``) by default; up-down
+:class:`SliceDataset` (kind ``"slice"``) gives single axial slices, normalised
+(:mod:`medrecon.diffusion.normalisation`; CT clipped to the window). Volumes on the study's reconstruction
+grid (``medrecon resample``, :mod:`medrecon.grid`; what the workflow trains on) are only padded with the
+background value / centre-cropped to ``image_size`` (the grid's size), never resized, so the prior learns
+anatomy at the pixel scale it is used at, and the checkpoint records the grid. Other volumes (library use,
+tests) are padded to a square and resized to ``image_size`` in pixels (area averaging when shrinking,
+bilinear when enlarging; ``fit="crop"`` centre-crops instead), and their checkpoint has no grid.
+Flips: left-right (``"x"``) by default; up-down
 (``"y"``) is optional because anterior-posterior flips are not anatomically plausible.
 """
 
@@ -63,6 +66,7 @@ class VolumeSlices:
                 raise InputError(f"training volume {v.path} has modality {v.modality!r}, expected {modality!r}",
                                  path=v.path, fix="train one prior per modality; check the subject's 'modality'")
         self.modality = modality
+        self.grid = _common_grid(self.volumes)
         self.cache_bytes = int(cache_bytes)
         total = sum(int(np.prod(v.shape)) * 4 for v in self.volumes)
         self.preloaded = total <= self.cache_bytes
@@ -106,8 +110,43 @@ class VolumeSlices:
 
     def provenance(self) -> list[dict[str, Any]]:
         """Paths, shapes and content hashes of the training volumes (stored in checkpoints)."""
-        return [{"path": str(v.path), "shape": list(v.shape), "sha256": store_sha256(v.path)}
-                for v in self.volumes]
+        out = [{"path": str(v.path), "shape": list(v.shape), "sha256": store_sha256(v.path)} for v in self.volumes]
+        if self.grid is not None:   # the reconstruction grid the prior learns at (checked by reconstruct)
+            for entry in out:
+                entry["grid"] = self.grid
+        return out
+
+
+def _common_grid(volumes: Sequence[Volume]) -> dict[str, Any] | None:
+    """The one reconstruction grid all training volumes are on (None: none of them was put on a grid)."""
+    from medrecon.grid import describe, same_grid, volume_grid
+
+    grids = [volume_grid(v) for v in volumes]
+    for v, g in zip(volumes[1:], grids[1:], strict=True):
+        if (g is None) != (grids[0] is None) or (g is not None and not same_grid(g, grids[0])):
+            raise InputError(f"training volumes are on different grids: {volumes[0].path} ({describe(grids[0])}) "
+                             f"and {v.path} ({describe(g)})", path=v.path,
+                             fix="train on the reference volumes of one study (`medrecon resample` with one grid)")
+    return grids[0]
+
+
+def training_image_size(requested: int | None, source: VolumeSlices) -> int:
+    """The square size slices are trained at: the grid's size when the volumes are on a grid with one (a
+    different ``image_size`` would train the prior at another pixel scale than it is used at), else the
+    requested one (64 if none), else for spacing-only grids the largest in-plane extent."""
+    grid = source.grid
+    if grid is not None and grid["size"] is not None:
+        side = max(grid["size"])
+        if requested is not None and int(requested) != side:
+            raise ConfigError(f"train image_size {requested} differs from the reconstruction grid's size "
+                              f"{grid['size']}: the prior would learn another pixel scale than it is used at",
+                              fix="drop image_size from the train section (it follows grid.size)")
+        return int(side)
+    if requested is not None:
+        return int(requested)
+    if grid is not None:
+        return int(max(max(v.shape[1:]) for v in source.volumes))
+    return 64
 
 
 def fit_normalisation(norm: dict[str, Any], source: VolumeSlices) -> tuple[dict[str, Any], list[float] | None]:
@@ -126,6 +165,17 @@ def fit_normalisation(norm: dict[str, Any], source: VolumeSlices) -> tuple[dict[
         samples = [part for vi in range(len(source.volumes)) for part in source.strided_samples(vi)]
         n["value"] = percentile_value(samples, n["percentile"])
     return n, None
+
+
+def pad_or_crop(img: np.ndarray, size: int, pad_value: float) -> np.ndarray:
+    """(H, W) -> (size, size) by centred padding with ``pad_value`` and/or centre-cropping: no resampling."""
+    out = np.full((size, size), pad_value, dtype=np.float32)
+    h, w = img.shape
+    sy, sx = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    dy, dx = max(0, (size - h) // 2), max(0, (size - w) // 2)
+    ch, cw = min(h, size), min(w, size)
+    out[dy:dy + ch, dx:dx + cw] = img[sy:sy + ch, sx:sx + cw]
+    return out
 
 
 def fit_square(img: np.ndarray, size: int, mode: str, pad_value: float) -> np.ndarray:
@@ -190,7 +240,7 @@ class SliceDataset(TrainingDataset):
 
     kind = "slice"
 
-    def __init__(self, source: VolumeSlices, normalisation: dict[str, Any], image_size: int, channels: int = 1,
+    def __init__(self, source: VolumeSlices, normalisation: dict[str, Any], image_size: int | None, channels: int = 1,
                  fit: str = "pad", flips: Sequence[str] = ("x",), random_phase: bool = False,
                  volume_values: Sequence[float] | None = None) -> None:
         self.source = source
@@ -204,7 +254,8 @@ class SliceDataset(TrainingDataset):
             raise ConfigError(f"unknown fit {fit!r}", fix="use 'pad' or 'crop'")
         if not set(flips) <= {"x", "y"}:
             raise ConfigError(f"flips must be a subset of ['x', 'y'], got {list(flips)}", fix="e.g. ['x']")
-        self.image_size, self.channels, self.fit, self.flips = int(image_size), channels, fit, tuple(flips)
+        self.image_size = training_image_size(image_size, source)
+        self.channels, self.fit, self.flips = channels, fit, tuple(flips)
         self.random_phase = bool(random_phase)
         self.volume_values = None if volume_values is None else [float(v) for v in volume_values]
         self._pad = background(self.norm)
@@ -216,8 +267,10 @@ class SliceDataset(TrainingDataset):
         """Slice ``index`` normalised (clipped for CT) and fitted to (image_size, image_size), no augmentation."""
         vi, z = self.source.index[index]
         value = None if self.volume_values is None else self.volume_values[vi]
-        img = to_network(self.source.read(vi, z), self.norm, clip=True, value=value)
-        return fit_square(np.asarray(img, dtype=np.float32), self.image_size, self.fit, self._pad)
+        img = np.asarray(to_network(self.source.read(vi, z), self.norm, clip=True, value=value), dtype=np.float32)
+        if self.source.grid is not None:    # on the reconstruction grid: the pixel scale is the one used later
+            return pad_or_crop(img, self.image_size, self._pad)
+        return fit_square(img, self.image_size, self.fit, self._pad)
 
     def sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         img = _flip(self.image(index), self.flips, rng)

@@ -158,7 +158,7 @@ class LatentCodec:
 AE_TRAIN_DEFAULTS: dict[str, Any] = {
     "kind": "autoencoder",
     "modality": None,           # CT | MR; None = from the training volumes
-    "image_size": 64,           # training resolution (square)
+    "image_size": None,         # training resolution (square); None = the grid's size (64 off a grid)
     "network": {},              # overrides of networks.autoencoder_spec_defaults()
     "recon_loss": "l1",         # l1 | l2
     "kl_weight": 1e-6,          # weight of KL(q(z|x) || N(0, I)) (LDM KL-f autoencoders: 1e-6)
@@ -205,9 +205,10 @@ def resolve_autoencoder_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"autoencoder training config: {msg}", fix="correct it in the config's train section")
-    for k in ("batch_size", "steps", "warmup_steps", "checkpoint_every", "seed", "image_size", "num_workers",
-              "cache_mb", "scale_items"):
+    for k in ("batch_size", "steps", "warmup_steps", "checkpoint_every", "seed", "num_workers", "cache_mb",
+              "scale_items"):
         c[k] = int(c[k])
+    c["image_size"] = None if c["image_size"] is None else int(c["image_size"])
     for k in ("kl_weight", "lr", "weight_decay", "ema_decay"):
         c[k] = float(c[k])
     c["grad_clip"] = float(c["grad_clip"] or 0.0)

@@ -57,7 +57,7 @@ from medrecon.volume import Volume
 TRAIN_DEFAULTS: dict[str, Any] = {
     "kind": "slice",            # prior kind; datasets exist for: slice
     "modality": None,           # CT | MR; None = taken from the training volumes
-    "image_size": 64,           # training resolution (square)
+    "image_size": None,         # training resolution (square); None = the grid's size (64 off a grid)
     "network": {},              # overrides of networks.network_spec_defaults(kind)
     "loss": "epsilon",          # epsilon (DDPM, VP schedule) | edm (Karras preconditioning)
     "schedule": {},             # VPSchedule or EDMSchedule keyword arguments
@@ -105,16 +105,16 @@ def resolve_train_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
         (int(c["checkpoint_every"]) >= 1, "checkpoint_every must be >= 1"),
         (c["device"] in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
         (c["modality"] in (None, "CT", "MR"), "modality must be CT, MR or null"),
-        (int(c["image_size"]) >= 4, "image_size must be >= 4"),
+        (c["image_size"] is None or int(c["image_size"]) >= 4, "image_size must be >= 4 (or null)"),
         (float(c["sigma_data"]) > 0, "sigma_data must be > 0"),
         (isinstance(c["network"], dict) and isinstance(c["schedule"], dict), "network/schedule must be mappings"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"training config: {msg}", fix="correct it in the config's train section")
-    for k in ("batch_size", "steps", "warmup_steps", "checkpoint_every", "seed", "image_size", "num_workers",
-              "cache_mb"):
+    for k in ("batch_size", "steps", "warmup_steps", "checkpoint_every", "seed", "num_workers", "cache_mb"):
         c[k] = int(c[k])
+    c["image_size"] = None if c["image_size"] is None else int(c["image_size"])
     for k in ("lr", "weight_decay", "ema_decay", "sigma_data"):
         c[k] = float(c[k])
     c["grad_clip"] = float(c["grad_clip"] or 0.0)

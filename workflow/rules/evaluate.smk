@@ -1,7 +1,7 @@
 rule evaluate:
     """PSNR/SSIM (3D and per plane), NRMSE, slice consistency, data residual, runtime/memory, coverage → JSON."""
     input:
-        reference=RESULTS / "{subject}" / "volume.zarr",
+        reference=RESULTS / "{subject}" / "reference.zarr",
         recon=RESULTS / "{subject}" / "recon" / "{method}.zarr",
     output:
         RESULTS / "{subject}" / "metrics" / "{method}.json",

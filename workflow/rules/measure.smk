@@ -1,7 +1,7 @@
 rule measure:
     """Simulate the measurement (CT sinogram with ASTRA, multi-coil k-space with SigPy) with noise."""
     input:
-        RESULTS / "{subject}" / "volume.zarr",
+        RESULTS / "{subject}" / "reference.zarr",
     output:
         directory(RESULTS / "{subject}" / "measurement.zarr"),
     params:

@@ -1,7 +1,7 @@
 def training_volumes(wildcards):
-    """Ingested volumes of the subjects with role 'train' and the prior's modality."""
+    """Reference volumes (on the study grid) of the subjects with role 'train' and the prior's modality."""
     modality = config["train"][wildcards.prior]["modality"]
-    vols = [RESULTS / sid / "volume.zarr" for sid in subjects_with_role("train")
+    vols = [RESULTS / sid / "reference.zarr" for sid in subjects_with_role("train")
             if SUBJECTS[sid]["modality"] == modality]
     if not vols:
         raise ValueError(f"train.{wildcards.prior}: no subjects with role 'train' and modality {modality}")
