@@ -151,6 +151,8 @@ def _train(a: argparse.Namespace) -> int:
 def _resample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("volume", help="input medrecon volume (.zarr), e.g. from `medrecon ingest`")
     p.add_argument("out", help="output volume (.zarr) on the grid")
+    p.add_argument("--slices", type=int, nargs=2, metavar=("FIRST", "STOP"),
+                   help="only slices FIRST..STOP-1 of the volume (a slab of interest)")
     _config_arg(p)
 
 
@@ -159,7 +161,7 @@ def _resample(a: argparse.Namespace) -> int:
     from medrecon import config as cfgmod
     from medrecon.grid import resample
 
-    print(resample(a.volume, a.out, cfgmod.load(a.config)["grid"]).path)
+    print(resample(a.volume, a.out, cfgmod.load(a.config)["grid"], slices=a.slices).path)
     return 0
 
 

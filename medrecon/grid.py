@@ -163,7 +163,7 @@ def _input_range(plan: GridPlan, o0: int, o1: int, depth: int) -> tuple[int, int
     return max(0, math.floor(first) - margin), min(depth, math.ceil(last) + 1 + margin)
 
 
-def resample_slab(vol: Volume, plan: GridPlan, o0: int, o1: int, background: float) -> np.ndarray:
+def resample_slab(vol: Volume | _Slices, plan: GridPlan, o0: int, o1: int, background: float) -> np.ndarray:
     """Output slices ``o0 .. o1-1`` of ``vol`` on ``plan``'s grid (float32)."""
     if plan.identity:
         return vol.read_slab(o0, o1)
@@ -187,18 +187,37 @@ def grid_record(grid: dict[str, Any] | None, src: Volume, plan: GridPlan) -> dic
             "source_fingerprint": volume_fingerprint(src)}
 
 
-def resample(volume_path: str | Path, out: str | Path, grid: dict[str, Any] | None) -> Volume:
-    """Write ``volume_path`` resampled onto ``grid`` as the volume ``out`` (the study's reference volume)."""
-    src = Volume.open(volume_path)
+class _Slices:
+    """Slices ``first .. stop-1`` of a volume, read like a volume (shape, geometry, read_slab)."""
+
+    def __init__(self, vol: Volume, first: int, stop: int) -> None:
+        if not 0 <= first < stop <= vol.shape[0]:
+            raise ConfigError(f"slices [{first}, {stop}) are not inside the {vol.shape[0]} slices of {vol.path}",
+                              path=vol.path, fix=f"use 0 <= first < stop <= {vol.shape[0]} (subjects[].slices)")
+        self.vol, self.first = vol, first
+        self.shape = (stop - first, *vol.shape[1:])
+        self.geometry = Geometry(vol.geometry.spacing, tuple(vol.geometry.index_to_lps(np.array([first, 0, 0]))),
+                                 vol.geometry.direction)
+
+    def read_slab(self, z0: int, z1: int) -> np.ndarray:
+        return self.vol.read_slab(self.first + z0, self.first + z1)
+
+
+def resample(volume_path: str | Path, out: str | Path, grid: dict[str, Any] | None,
+             slices: tuple[int, int] | None = None) -> Volume:
+    """Write ``volume_path`` (only ``slices`` [first, stop) of it, if given) resampled onto ``grid`` as the
+    volume ``out`` (the study's reference volume)."""
+    vol = Volume.open(volume_path)
+    src = vol if slices is None else _Slices(vol, *slices)
     g = resolve_grid(grid)
     plan = plan_grid(src.shape, src.geometry, g)
-    background = BACKGROUND.get(src.modality or "", 0.0)
-    keep = {k: v for k, v in src.meta.items()
+    background = BACKGROUND.get(vol.modality or "", 0.0)
+    keep = {k: v for k, v in vol.meta.items()
             if k not in ("format", "geometry", "value_range", "complete", "provenance", "grid")}
-    meta = {**keep, "grid": grid_record(g, src, plan),
-            "provenance": provenance({"grid": g}, source={"path": str(src.path),
-                                                          "provenance_hash": config_hash(src.meta.get("provenance"))})}
-    log.info("%s %s (spacing %s mm) -> %s on the grid '%s' (spacing %s mm)%s", src.path, list(src.shape),
+    meta = {**keep, "grid": {**grid_record(g, vol, plan), "source_slices": None if slices is None else list(slices)},
+            "provenance": provenance({"grid": g}, source={"path": str(vol.path),
+                                                          "provenance_hash": config_hash(vol.meta.get("provenance"))})}
+    log.info("%s %s (spacing %s mm) -> %s on the grid '%s' (spacing %s mm)%s", vol.path, list(src.shape),
              [round(s, 4) for s in src.geometry.spacing], list(plan.shape), describe(g),
              [round(s, 4) for s in plan.geometry.spacing], " - unchanged" if plan.identity else "")
     depth = default_chunk_depth(plan.shape)

@@ -139,3 +139,15 @@ def test_the_grid_travels_to_checkpoint_measurement_and_reconstruction_and_a_for
     msg = str(err.value)
     assert "16 x 16 px" in msg and "24 x 24 px" in msg and "Fix:" in msg and "p16.pt" in msg
     assert not (tmp_path / "r24.zarr").exists()
+
+
+def test_a_slab_of_interest_keeps_its_place_in_the_patient(tmp_path):
+    data = np.arange(10, dtype=np.float32)[:, None, None] * np.ones((10, 8, 8), np.float32)
+    vol = Volume.from_array(tmp_path / "v.zarr", data, Geometry((2.0, 1.0, 1.0), (0.0, 0.0, -5.0)),
+                            {"modality": "MR"})
+    sub = resample(vol.path, tmp_path / "s.zarr", None, slices=(3, 7))
+    assert sub.shape == (4, 8, 8) and np.array_equal(sub.read(), data[3:7])
+    assert np.allclose(sub.geometry.index_to_lps(np.zeros(3)), vol.geometry.index_to_lps(np.array([3, 0, 0])))
+    assert sub.meta["grid"]["source_slices"] == [3, 7]
+    with pytest.raises(ConfigError, match="slices"):
+        resample(vol.path, tmp_path / "bad.zarr", None, slices=(8, 12))

@@ -11,7 +11,10 @@ SLAB_JOBS = int(config["reconstruct"].get("slab", {}).get("jobs", 1))
 
 
 def prior_input(wildcards):
-    path = config["reconstruct"]["priors"][SUBJECTS[wildcards.subject]["modality"]].get(wildcards.method)
+    """The subject's own prior for this method (subjects[].priors), else the study's for its modality."""
+    sub = SUBJECTS[wildcards.subject]
+    path = (sub.get("priors") or {}).get(wildcards.method) or \
+        config["reconstruct"]["priors"][sub["modality"]].get(wildcards.method)
     return [] if not path else [path] if isinstance(path, str) else list(path)
 
 

@@ -6,6 +6,7 @@ rule resample:
         directory(RESULTS / "{subject}" / "reference.zarr"),
     params:
         config=section_json("grid"),
+        slices=lambda wc: "--slices {} {}".format(*subject(wc)["slices"]) if subject(wc).get("slices") else "",
     log:
         LOGS / "{subject}" / "resample.log",
     benchmark:
@@ -14,4 +15,4 @@ rule resample:
     resources:
         mem_mb=2000,
     shell:
-        "medrecon resample {input:q} {output:q} --config {params.config:q} > {log:q} 2>&1"
+        "medrecon resample {input:q} {output:q} --config {params.config:q} {params.slices} > {log:q} 2>&1"
