@@ -281,3 +281,37 @@ def test_an_image_too_small_for_any_trained_patch_is_one_clear_error():
     msg = str(err.value)
     assert isinstance(err.value, MedreconError)
     assert "tiny_patch.pt" in msg and "[16]" in msg and "3x5" in msg and "Fix:" in msg
+
+
+# --------------------------------------------------------------------------------- through reconstruct()
+
+
+def _save_tiny(path, kind: str, spec: dict) -> str:
+    from medrecon.diffusion.checkpoint import save_checkpoint
+    from medrecon.diffusion.networks import resolve_unet_spec
+
+    net = _net(spec)
+    weights = net.state_dict()
+    save_checkpoint(path, kind=kind, modality="CT", objective="epsilon",
+                    network={"builder": "unet", "spec": resolve_unet_spec(spec)}, schedule=VPSchedule().to_dict(),
+                    normalisation=CT_NORM, train_config={}, data=[], step=0, weights=weights, ema_weights=weights)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["dds", "diffusionblend"])
+def test_a_101x122_measurement_reconstructs_through_the_workflow_entry_point(tmp_path, method):
+    """The issue's case: a real-size CT measurement of 101 x 122 slices died inside MONAI."""
+    from medrecon import config as cfgmod
+    from medrecon.io.phantoms import write_phantom_volume
+    from medrecon.measure import measure
+    from medrecon.reconstruct import reconstruct
+
+    vol = write_phantom_volume("ct_chest", tmp_path / "ct.zarr", (3, 101, 122), (4.0, 3.0, 3.0), 0)
+    meas = measure(vol, tmp_path / "m.zarr", cfgmod.validate({"measure": {"ct": {"views": 16, "I0": 1e5}}}))
+    spec = _spec("slab", in_channels=3, out_channels=3, num_class_embeds=2) if method == "diffusionblend" \
+        else _spec("slice")
+    ckpt = _save_tiny(tmp_path / "p.pt", "slab" if method == "diffusionblend" else "slice", spec)
+    cfg = cfgmod.validate({"reconstruct": {"params": {method: {"steps": 2}}}})
+    out = reconstruct(meas, tmp_path / "r.zarr", method, cfg, prior_path=ckpt)
+    img = out.read()
+    assert img.shape == (3, 101, 122) and np.isfinite(img).all()
