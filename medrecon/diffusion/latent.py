@@ -137,6 +137,7 @@ class LatentCodec:
                    channels * factor * factor, factor)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.latent_shape(*x.shape[-2:])   # a clear error instead of the autoencoder's own
         return self.encode_fn(x) * self.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -148,8 +149,8 @@ class LatentCodec:
         if height % f or width % f:
             raise InputError(f"slices of {height}x{width} pixels cannot be encoded by an autoencoder that "
                              f"downsamples by {f}", path=path,
-                             fix=f"reconstruct on a grid whose sides are multiples of {f} (set the "
-                                 "measurement's image size), or train an autoencoder with fewer levels")
+                             fix=f"pad the slices to multiples of {f} with the background first (the samplers "
+                                 "do: medrecon.methods.dps.SliceLayout with multiple=factor)")
         return self.latent_channels, height // f, width // f
 
 

@@ -3,7 +3,10 @@
 A *spec* is a JSON-able dict of constructor arguments. Checkpoints store the resolved spec (never "auto"
 values), so :func:`build_unet` rebuilds exactly the trained architecture. Keys of a UNet spec:
 
-``image_size``             training resolution (square); every level must halve it exactly.
+``image_size``             training resolution (square); every level must halve it exactly. Inference takes
+                           any size: samplers pad slices to a multiple of ``2^(levels-1)`` with the
+                           background (:mod:`medrecon.diffusion.canvas`); a raw call with another size is
+                           an ``InputError`` saying so, not MONAI's "Sizes of tensors must match".
 ``in_channels``            image channels the prior models: 1 CT slice, 2 complex MR (real, imag), 3 or 6 slab.
 ``out_channels``           predicted channels, normally ``in_channels``.
 ``coord_channels``         extra, un-noised input channels (2 or 3 coordinate maps for patch priors, PaDIS);
@@ -36,7 +39,7 @@ from typing import Any
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-from medrecon.errors import ConfigError
+from medrecon.errors import ConfigError, InputError
 
 _UNET_KEYS = ("image_size", "in_channels", "out_channels", "coord_channels", "channels", "num_res_blocks",
               "attention_levels", "attention_max_resolution", "num_head_channels", "norm_num_groups",
@@ -166,9 +169,23 @@ class DiffusionUNet(torch.nn.Module):
             # starts neutral and grows only as far as the data says it matters. Consumes no RNG draws.
             torch.nn.init.zeros_(self.unet.class_embedding.weight)
 
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this (the UNet halves them once per level below the first)."""
+        return 2 ** (len(self.spec["channels"]) - 1)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None,
                 coords: torch.Tensor | None = None) -> torch.Tensor:
         """Noise (or EDM ``F``) prediction for ``x`` (B, in_channels, H, W) at ``timesteps`` (B,)."""
+        m, (h, w) = self.size_multiple, x.shape[-2:]
+        if h % m or w % m:   # MONAI would fail deep inside with "Sizes of tensors must match"
+            size = self.spec["image_size"]
+            raise InputError(
+                f"the diffusion network (trained on {size}x{size} images, {len(self.spec['channels'])} levels) "
+                f"got a {h}x{w} input; it halves its input {len(self.spec['channels']) - 1} times, so both sides "
+                f"must be multiples of {m}",
+                fix=f"run it through medrecon's samplers, which pad slices to a multiple of {m} with the "
+                    "background (medrecon.diffusion.canvas), or pad the input yourself")
         if self.coord_channels:
             if coords is None or coords.shape[1] != self.coord_channels:
                 got = None if coords is None else tuple(coords.shape)

@@ -11,7 +11,11 @@ What this module holds, and the one rule it enforces: :func:`coordinate_channels
 a pixel's position becomes network input. Training items (:class:`PatchDataset`) and the inference denoiser
 (:class:`PatchDenoiser`) both call it with the *padded* image shape, so positions are normalised identically
 (pos = (idx / (R - 1) - 0.5) * 2, R = padded length of that axis; the reference normalises by different
-padded sizes in training and inference, medrecon does not).
+padded sizes in training and inference, medrecon does not). An image of another size than the trained
+one (any size: odd, prime, non-square) is first mapped onto the trained frame - image pixels stretched onto
+the trained image, the padding ring onto the trained ring (:func:`reference_index`) - so a coordinate means
+at inference what it meant in training: "this far across the field of view", or "this far into the air
+around it".
 
 Layout conventions
     2D patches ``(C, P, P)`` with 2 coordinate channels ``(y, x)``. 3D patches ``(C, d, P, P)`` (the
@@ -66,22 +70,46 @@ PATCH_DEFAULTS: dict[str, Any] = {
 # ---------------------------------------------------------------------------------------------- coordinates
 
 
+def reference_index(idx: torch.Tensor, length: int, pad: int, reference: int) -> torch.Tensor:
+    """Map indices of a padded axis (image ``length``, ``pad`` each side) onto a padded axis whose image has
+    ``reference`` pixels: the image is stretched linearly onto the reference image (first and last pixels
+    onto first and last), the padding rings keep their width (left ring unchanged, right ring shifted)."""
+    if length == reference:
+        return idx
+    core = idx - pad
+    stretch = (reference - 1) / (length - 1) if length > 1 else 0.0
+    inside = pad + core * stretch + (0.0 if length > 1 else (reference - 1) / 2)
+    out = torch.where(core < 0, idx, inside)
+    return torch.where(core > length - 1, idx + (reference - length), out)
+
+
 def coordinate_channels(padded_shape: Sequence[int], start: Sequence[int] | None = None,
                         size: Sequence[int] | None = None, device: torch.device | str | None = None,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        dtype: torch.dtype = torch.float32, *, pad: Sequence[int] | None = None,
+                        reference: Sequence[int] | None = None) -> torch.Tensor:
     """Position of every pixel of a window of the padded image, one channel per axis, in [-1, 1].
 
     Channel ``i`` holds ``(idx_i / (R_i - 1) - 0.5) * 2`` with ``idx_i`` the index along axis i of the
     *padded* image (length ``R_i``; 0 when R_i = 1). ``start``/``size`` select a window (default: all), so
     a training patch and the inference grid compute identical numbers. Returns ``(n_axes, *size)``.
+
+    ``reference`` (image lengths per axis the prior was trained on, with ``pad`` the padding per axis) makes
+    the coordinates of an image of *another* size mean what they meant in training: ``idx`` is first mapped
+    by :func:`reference_index` (the image onto the trained image, the padding ring onto the trained ring)
+    and normalised by the trained padded length. Without it an image larger than the trained one would put
+    its edge pixels at coordinates that in training were padding (air), and a smaller one its padding at
+    coordinates that were anatomy. For the trained size both forms are identical.
     """
     shape = [int(r) for r in padded_shape]
     start = [0] * len(shape) if start is None else [int(s) for s in start]
     size = shape if size is None else [int(s) for s in size]
+    pads = [0] * len(shape) if pad is None else [int(p) for p in pad]
+    refs = [r - 2 * p for r, p in zip(shape, pads, strict=True)] if reference is None else [int(n) for n in reference]
     axes = []
-    for r, s, k in zip(shape, start, size, strict=True):
-        idx = torch.arange(s, s + k, dtype=torch.float64)
-        axes.append((idx / (r - 1) - 0.5) * 2 if r > 1 else torch.zeros(k, dtype=torch.float64))
+    for r, s, k, p, ref in zip(shape, start, size, pads, refs, strict=True):
+        idx = reference_index(torch.arange(s, s + k, dtype=torch.float64), r - 2 * p, p, ref)
+        r_ref = ref + 2 * p
+        axes.append((idx / (r_ref - 1) - 0.5) * 2 if r_ref > 1 else torch.zeros(k, dtype=torch.float64))
     grids = torch.meshgrid(*axes, indexing="ij")
     return torch.stack(grids).to(device=device, dtype=dtype)
 
@@ -195,11 +223,13 @@ class PatchDenoiser(Denoiser):
     draws a new grid origin (from ``generator``), runs all patches of all batch elements through ``inner``
     in chunks of ``max_batch``, stitches (``mode="stitch"``) or averages half-overlapping patches
     (``mode="overlap"``), and sets the padding ring to ``pad_value``. ``patch_shape`` is (P, P) or (d, P, P).
+    ``reference``: the image lengths per axis the prior was trained on (:func:`reference_lengths`), so that
+    images of any other size get coordinates with the trained meaning (:func:`coordinate_channels`).
     """
 
     def __init__(self, inner: Callable[..., torch.Tensor], patch_shape: Sequence[int], pad: Sequence[int], *,
                  mode: str = "stitch", max_batch: int = 256, pad_value: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, reference: Sequence[int] | None = None) -> None:
         if mode not in ("stitch", "overlap"):
             raise ConfigError(f"unknown patch mode {mode!r}", fix="use 'stitch' (PaDIS) or 'overlap'")
         if len(patch_shape) not in (2, 3) or len(pad) != len(patch_shape):
@@ -209,6 +239,9 @@ class PatchDenoiser(Denoiser):
         self.pad = tuple(int(p) for p in pad)
         self.max_batch, self.pad_value = max(1, int(max_batch)), float(pad_value)
         self.generator = generator
+        self.reference = None if reference is None else tuple(int(n) for n in reference)
+        if self.reference is not None and len(self.reference) != len(self.pad):
+            raise ValueError(f"reference {reference} needs one image length per axis of pad {pad}")
         self.last_origin: tuple[int, ...] | None = None
         self._coords: dict[tuple, torch.Tensor] = {}
         self.nfe = 0
@@ -231,7 +264,8 @@ class PatchDenoiser(Denoiser):
     def coords(self, spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (spatial, device, dtype)
         if key not in self._coords:
-            self._coords[key] = coordinate_channels(spatial, device=device, dtype=dtype)
+            self._coords[key] = coordinate_channels(spatial, device=device, dtype=dtype, pad=self.pad,
+                                                    reference=self.reference)
         return self._coords[key]
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict | None = None) -> torch.Tensor:
@@ -260,6 +294,18 @@ class PatchDenoiser(Denoiser):
             out = from_slab_channels(out, self.patch_shape[0])
         d = stitch_patches(out, idx, spatial, b, self.pad_value)
         return torch.where(ring_mask(spatial, self.pad, x.device), torch.full_like(d, self.pad_value), d)
+
+
+def reference_lengths(geom: dict[str, Any], three_d: bool) -> tuple[int, ...] | None:
+    """Trained image lengths per axis ((Z,) Y, X) from a patch geometry: the median over the training shapes
+    (each training image's coordinates were normalised by its own padded size). None for checkpoints that
+    do not record them (coordinates then use the inference image's own padded size)."""
+    shapes = geom.get("training_shapes")
+    if not shapes:
+        return None
+    arr = np.asarray([[int(v) for v in sh[-3:]] for sh in shapes])
+    med = [int(np.median(arr[:, a])) for a in range(3)]
+    return tuple(med) if three_d else tuple(med[1:])
 
 
 def ring_mask(spatial: Sequence[int], pad: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:

@@ -15,7 +15,8 @@ Departures, on purpose: the operator is the exact one (ASTRA/SigPy with matched 
 real CG and rho / ztv_lambda / lam must be re-tuned for our scaling (DDS: rho=10, lambda=0.04 for its
 torch Radon); CG inner products are Hermitian (DDS: bilinear); samples are independent CG systems (and
 slices too with ``cg_per_slice``); data consistency composes A with the prior's affine image map; the
-single-coil MRI projection shortcut of DDS is not implemented (use CG, which subsumes it).
+single-coil MRI projection shortcut of DDS is not implemented (use CG, which subsumes it); slices of any
+size are padded to the network's multiple with the background (:mod:`medrecon.diffusion.canvas`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
                           fix="set ztv: false for 2D problems")
     sched = prior.vp_schedule()
     pairs = sched.step_pairs(int(p["steps"]))
-    den = prior.denoiser
+    den = lay.denoiser
     reset_nfe(den)
     with torch.no_grad():
         aty = op.adjoint(lay.y)

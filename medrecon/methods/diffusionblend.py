@@ -35,6 +35,8 @@ Deliberate departures from the reference:
   gets exactly one estimate per step. A volume thinner than ``3s`` slices has no complete jump block and
   DiffusionBlend++ uses the adjacent partition at those steps; one thinner than 3 slices repeats its last
   slice to fill the slab.
+* Any in-plane size (the reference: 256 x 256): slabs are padded to the network's multiple with the
+  background, as every whole-slice sampler's are (:mod:`medrecon.diffusion.canvas`).
 * The operator has an exact adjoint (ASTRA/SigPy), so CG is the real CG and ``rho``/``ztv_lambda`` must be
   re-tuned for our scaling (the reference hard-codes rho = 0.001, lambda = 5e-5 for its torch Radon, whose
   back projector is not the adjoint). CG inner products are Hermitian; each posterior sample is its own
@@ -236,7 +238,7 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
     op, depth, dev = lay.op, lay.image_shape[0], lay.y.device
     sched = prior.vp_schedule()
     pairs = sched.step_pairs(int(p["steps"]))
-    den = prior.denoiser
+    den = lay.denoiser
     reset_nfe(den)
     # Partition offsets come from their own stream, seeded once from the sampler's generator, so the
     # partition sequence does not depend on how many samples are drawn per pass.

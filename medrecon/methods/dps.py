@@ -29,7 +29,11 @@ Departures, on purpose:
   DDPM q-posterior step between grid points. No clipping of x0_hat unless the denoiser does it
   (``EpsilonDenoiser(clip=1)`` reproduces DPS's ``clip_denoised``).
 
-The module also holds the small layout helper shared with :mod:`medrecon.methods.dds`.
+Any slice size: the state lives on a canvas padded to the network's multiple with the background
+(:class:`SliceLayout`, :mod:`medrecon.diffusion.canvas`); the residual is taken on the cropped slice.
+
+The module also holds the small layout helper shared with :mod:`medrecon.methods.dds`,
+:mod:`medrecon.methods.diffusionblend` and the latent samplers.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 
 import torch
 
+from medrecon.diffusion.canvas import Canvas, CanvasDenoiser, network_multiple, prior_background
 from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddpm_step
 from medrecon.errors import ConfigError, InputError
@@ -71,11 +76,19 @@ def check_params(method: str, params: dict | None, defaults: dict[str, Any]) -> 
 
 @dataclass
 class SliceLayout:
-    """How a problem's image (*lead, Y, X) maps to the denoiser batch (samples * prod(lead), C, Y, X)."""
+    """How a problem's image (*lead, Y, X) maps to the denoiser batch (samples * prod(lead), C, Y', X').
+
+    (Y', X') is the :class:`~medrecon.diffusion.canvas.Canvas`: the slice centred in the smallest frame whose
+    sides are multiples of ``multiple`` (default: what the prior's network needs), padded with the prior's
+    background. This is the one place where samplers pad: the state and the denoiser live on the canvas
+    (:attr:`denoiser` returns the background in the padded region), image-domain steps see the crop.
+    ``multiple=1`` turns it off (PaDIS tiles any size itself).
+    """
 
     problem: ReconProblem
     prior: Prior
     dtype: torch.dtype
+    multiple: int | None = None
 
     def __post_init__(self) -> None:
         p, op = self.problem, self.problem.operator
@@ -95,21 +108,32 @@ class SliceLayout:
         self.n_slices = math.prod(self.lead)
         self.out_dims = tuple(range(-len(op.out_shape), 0))
         self.y = p.y.to(op.out_dtype)
+        mult = network_multiple(self.prior.denoiser) if self.multiple is None else int(self.multiple)
+        self.canvas = Canvas(*shape[-2:], multiple=mult, value=prior_background(self.prior))
+        self._denoiser: Any = None
 
     @property
     def op(self) -> LinearOperator:
         return self.problem.operator
 
+    @property
+    def denoiser(self) -> Any:
+        """The prior's denoiser on canvases (itself when no padding is needed)."""
+        if self._denoiser is None:
+            self._denoiser = self.prior.denoiser if self.canvas.identity \
+                else CanvasDenoiser(self.prior.denoiser, self.canvas)
+        return self._denoiser
+
     def image(self, x_batch: torch.Tensor, n: int) -> torch.Tensor:
-        """Denoiser batch of n samples -> image domain (n, *image_shape), in the operator's dtype."""
-        return self.prior.unpack(x_batch, (n, *self.lead), self.op.in_dtype)
+        """Denoiser batch (canvases) of n samples -> image domain (n, *image_shape), in the operator's dtype."""
+        return self.prior.unpack(self.canvas.crop(x_batch), (n, *self.lead), self.op.in_dtype)
 
     def batch(self, x_image: torch.Tensor) -> torch.Tensor:
-        """Image domain (n, *image_shape) -> denoiser batch in the prior domain."""
-        return self.prior.pack(x_image, self.dtype)
+        """Image domain (n, *image_shape) -> denoiser batch (canvases, background around) in the prior domain."""
+        return self.canvas.pad(self.prior.pack(x_image, self.dtype))
 
     def batch_shape(self, n: int) -> tuple[int, ...]:
-        return (n * self.n_slices, self.prior.channels, *self.image_shape[-2:])
+        return (n * self.n_slices, self.prior.channels, *self.canvas.shape)
 
     def residual_norms(self, x_image: torch.Tensor) -> torch.Tensor:
         """||y - A x|| per operator application (Hermitian for complex data)."""
@@ -141,7 +165,7 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
     lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]])
     sched = prior.vp_schedule()
     pairs = sched.step_pairs(int(p["steps"]))
-    den, zeta = prior.denoiser, float(p["zeta"])
+    den, zeta = lay.denoiser, float(p["zeta"])
     reset_nfe(den)
     t_start = time.perf_counter()
     outs, last_norm = [], []
@@ -162,6 +186,7 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
                 (grad,) = torch.autograd.grad((norms**2).sum() / (2 * float(problem.noise_std) ** 2), x)
                 alpha = ab / ab_next
                 step = zeta * float((1 - alpha) / alpha.sqrt())
+            grad = lay.canvas.zero_padding(grad)
             with torch.no_grad():
                 noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype) \
                     if t_next >= 0 else None

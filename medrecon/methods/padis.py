@@ -34,6 +34,11 @@ Departures, on purpose:
 * The residual norm is per operator application (per slice for per-slice operators), as in
   :mod:`medrecon.methods.dps`, so the step does not depend on the number of slices.
 * Coordinates are normalised by the same padded size in training and inference (the checkpoint's pad).
+  An image of another size (any size: odd, prime, non-square; the grid tiles each axis separately) gets
+  coordinates with their trained meaning: its image pixels are stretched onto the trained image's
+  coordinate range and the padding ring keeps the trained ring's (:func:`~medrecon.diffusion.patches.
+  coordinate_channels` with the median training shape as ``reference``), so the network never sees an
+  edge pixel at a coordinate that in training was padding.
 * ``patch_size: null`` picks a trained-range size that tiles the padded image (:func:`choose_patch_size`).
 """
 
@@ -46,7 +51,7 @@ from typing import Any
 import torch
 
 from medrecon.diffusion.denoiser import Prior
-from medrecon.diffusion.patches import PatchDenoiser, axis_tiling, crop_image, pad_image
+from medrecon.diffusion.patches import PatchDenoiser, axis_tiling, crop_image, pad_image, reference_lengths
 from medrecon.diffusion.schedules import EDMSchedule
 from medrecon.errors import ConfigError, InputError
 from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
@@ -88,7 +93,8 @@ def choose_patch_size(lengths: tuple[int, ...], pads: tuple[int, ...], trained: 
     if not ok:
         raise ConfigError(f"no patch size in [{min(trained)}, {max(trained)}] (multiple of {multiple}) tiles images "
                           f"of {lengths} padded by {pads}",
-                          fix="set params.patch_size explicitly or re-train with a larger pad")
+                          fix="reconstruct on a larger image grid, set params.patch_size to a trained size that "
+                              "tiles, or use a prior trained on smaller patches or a larger pad_width")
     moving = [p for p, good in ok if good]
     return moving[0] if moving else ok[0][0]
 
@@ -110,7 +116,7 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
         raise ConfigError(f"{name}: steps and inner must be >= 1, langevin and zeta >= 0 (got {p})",
                           fix="PaDIS uses steps 100, inner 10, langevin 0.5, zeta 0.3")
     geom = _geometry(prior, three_d)
-    lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]])
+    lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]], multiple=1)   # padding: the patch grid's own
     op, dt = lay.op, lay.dtype
     shape = lay.image_shape
     if three_d and len(shape) != 3:
@@ -121,21 +127,29 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
     lengths = tuple(shape[-3:]) if three_d else tuple(shape[-2:])
     inplane = (lengths[-2:], pads[-2:])
     psize = p["patch_size"]
-    if psize is None:
-        psize = choose_patch_size(*inplane, list(geom["patch_sizes"]), int(prior.meta.get("network_multiple", 1)),
-                                  p["mode"])
-    psize = int(psize)
     mult = int(prior.meta.get("network_multiple", 1))
-    if psize % mult:
-        raise ConfigError(f"{name}: patch_size {psize} is not a multiple of {mult} (the network halves it "
-                          f"{int(math.log2(mult))} times)", fix=f"use a multiple of {mult}")
-    patch_shape = (int(depth), psize, psize) if three_d else (psize, psize)
-    offset_gen = torch.Generator().manual_seed(
-        int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0)
-    den = PatchDenoiser(prior.denoiser, patch_shape, pads, mode=p["mode"], max_batch=int(p["max_batch"]),
-                        pad_value=float(geom["pad_value"]), generator=offset_gen)
-    spatial = tuple(n + 2 * w for n, w in zip(lengths, pads, strict=True))
-    tilings = den.tilings(spatial)   # validates the patch size now, with a clear message
+    ckpt = prior.meta.get("checkpoint")
+    label = (f"patch prior{' ' + str(ckpt) if ckpt else ''} (trained on patches of {list(geom['patch_sizes'])} "
+             f"pixels, padding {pw})")
+    shape_txt = "x".join(str(n) for n in lengths)
+    try:
+        if psize is None:
+            psize = choose_patch_size(*inplane, list(geom["patch_sizes"]), mult, p["mode"])
+        psize = int(psize)
+        if psize % mult:
+            raise ConfigError(f"patch_size {psize} is not a multiple of {mult} (the network halves it "
+                              f"{int(math.log2(mult))} times)", fix=f"use a multiple of {mult}")
+        patch_shape = (int(depth), psize, psize) if three_d else (psize, psize)
+        offset_gen = torch.Generator().manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0)
+        den = PatchDenoiser(prior.denoiser, patch_shape, pads, mode=p["mode"], max_batch=int(p["max_batch"]),
+                            pad_value=float(geom["pad_value"]), generator=offset_gen,
+                            reference=reference_lengths(geom, three_d))
+        spatial = tuple(n + 2 * w for n, w in zip(lengths, pads, strict=True))
+        tilings = den.tilings(spatial)   # validates the patch size now, with a clear message
+    except ConfigError as err:   # say which prior and which image, whatever part refused
+        raise ConfigError(f"{name}: the {label} cannot tile this {shape_txt} image: {err.message}",
+                          fix=err.fix) from err
     sigmas = EDMSchedule(float(p["sigma_min"]), float(p["sigma_max"]), float(p["rho"])).sigmas(
         int(p["steps"]), append_zero=False)
     clamp = _init_clamp(p["init_clamp"], prior)

@@ -43,6 +43,12 @@ Choices and departures, on purpose:
   denoiser call at the state reached (reference: the last step's epsilon at the earlier time).
 * The autoencoder is medrecon's own AutoencoderKL (KL-f4 by default) trained on the study's slices, not
   the reference's VQ-f4 fine-tuned from CelebA-HQ; complex MR is 2 channels (real, imaginary).
+* **Any slice size.** The autoencoder halves a slice log2(f) times and the latent UNet its latent again, so
+  the slice is centred on a canvas whose sides are multiples of ``f * 2^(levels-1)``, padded with the
+  background (air) in the autoencoder's pixel units (:mod:`medrecon.diffusion.canvas`); the latent covers
+  the canvas. Residuals and both consistency fits measure the cropped slice only; a pixel-space fit starts
+  from the decoded canvas with its padded region reset to the background, so what is re-encoded is the
+  slice surrounded by air, as in training.
 * ``variant: pixel`` is the fast variant the reference README mentions: pixel-space consistency at
   every event and a final pixel-space fit of the decoded image (the output is that image).
 
@@ -58,6 +64,7 @@ from typing import Any
 
 import torch
 
+from medrecon.diffusion.canvas import network_multiple
 from medrecon.diffusion.latent import LatentPrior, randn_like_gen, stochastic_resample
 from medrecon.diffusion.schedules import ddim_step
 from medrecon.errors import ConfigError
@@ -149,9 +156,12 @@ def minimise_mse(v0: torch.Tensor, mse_fn: Callable[[torch.Tensor], torch.Tensor
 
 def _sample(method: str, problem: ReconProblem, p: dict[str, Any], prior: LatentPrior, hard: bool,
             generator: torch.Generator | None) -> ReconResult:
-    lay = SliceLayout(problem, prior.pixel_prior(), _DTYPES[p["dtype"]])
     codec, den, sched = prior.codec, prior.denoiser, prior.schedule
-    cz, h, w = codec.latent_shape(*lay.image_shape[-2:], path=problem.meta.get("path"))
+    # Pixels on a canvas the autoencoder (factor f) and then the latent UNet (multiple m) can halve: sides
+    # multiples of f * m, background around the slice; data consistency sees the crop (lay.image).
+    lay = SliceLayout(problem, prior.pixel_prior(), _DTYPES[p["dtype"]],
+                      multiple=codec.factor * network_multiple(den))
+    cz, h, w = codec.latent_shape(*lay.canvas.shape, path=problem.meta.get("path"))
     steps = int(p["steps"])
     pairs = sched.step_pairs(steps)
     m_per_app = math.prod(lay.op.out_shape)
@@ -172,8 +182,8 @@ def _sample(method: str, problem: ReconProblem, p: dict[str, Any], prior: Latent
     def fit(kind: str, start: torch.Tensor, n: int, final: bool = False) -> torch.Tensor:
         """Pixel- or latent-space consistency fit; returns a latent (or, final pixel fit, the pixels)."""
         if kind == "pixel":
-            with torch.no_grad():
-                x_start = codec.decode(start)
+            with torch.no_grad():   # the padded region is background in clean space (see diffusion.canvas)
+                x_start = lay.canvas.force(codec.decode(start))
             x, its = minimise_mse(x_start, lambda v: mse_of_image(lay.image(v, n)), float(p["pixel_lr"]),
                                   int(p["pixel_iters"]), threshold, 0, float(p["weight_decay"]))
             if not final:
@@ -236,7 +246,7 @@ def _sample(method: str, problem: ReconProblem, p: dict[str, Any], prior: Latent
     res = torch.cat(residuals)
     info = {"method": method, "params": p, "time_s": time.perf_counter() - t_start,
             "final_residual_mse_mean": float(res.mean()), "final_residual_mse_max": float(res.max()),
-            "stop_mse": threshold, "latent_shape": [cz, h, w], **stats}
+            "stop_mse": threshold, "latent_shape": [cz, h, w], "canvas": list(lay.canvas.shape), **stats}
     return ReconResult(samples=samples, nfe=int(getattr(den, "nfe", len(pairs))), info=info)
 
 
