@@ -144,6 +144,30 @@ def test_dicom_folder_without_images(tmp_path):
     assert not (tmp_path / "e.zarr").exists() and not (tmp_path / "j.zarr").exists()
 
 
+def test_single_dicom_image_is_named_as_a_single_image(tmp_path):
+    """A subject whose input is one file of a series: say so, not "too few slice positions"."""
+    files = write_dicom_series(np.zeros(SHAPE, np.float32), Geometry(SPACING), tmp_path / "dcm", modality="CT")
+    with pytest.raises(InputError) as err:
+        ingest(files[1], tmp_path / "one.zarr", cfgmod.validate({}))
+    assert_clear(err.value, files[1], "single image", "ingest.min_slices")
+    assert "folder" in err.value.fix
+    assert not (tmp_path / "one.zarr").exists()
+
+
+@pytest.mark.parametrize("keep", ["header_and_part_of_the_pixels", "first_400_bytes"])
+def test_truncated_dicom_image_is_named_as_truncated(tmp_path, keep):
+    files = write_dicom_series(np.zeros(SHAPE, np.float32), Geometry(SPACING), tmp_path / "dcm", modality="CT")
+    cut = files[0]
+    size = cut.stat().st_size
+    with open(cut, "r+b") as f:
+        f.truncate(size - 100 if keep == "header_and_part_of_the_pixels" else 400)
+    with pytest.raises(InputError) as err:
+        ingest(cut, tmp_path / "cut.zarr", cfgmod.validate({}))
+    assert_clear(err.value, cut, "truncated")
+    assert "single image" not in str(err.value) and "slice position" not in str(err.value)
+    assert not (tmp_path / "cut.zarr").exists()
+
+
 # ----------------------------------------------------------------------------------------- NaN/Inf voxels
 
 
