@@ -126,6 +126,27 @@ def test_missing_paths_are_named_by_every_verb(capsys, ct_volume, ct_measurement
     assert not out.exists() and not (tmp_path / "m.json").exists()
 
 
+def test_subject_whose_input_does_not_exist_is_named_at_load_time(tmp_path):
+    """What the workflow checks when it loads the config (workflow/rules/common.smk), before planning jobs."""
+    (tmp_path / "data" / "ct_chest_s1").mkdir(parents=True)
+    (tmp_path / "mr.zarr").mkdir()
+    subjects = [
+        {"id": "ct01", "input": "data/ct_chest_s1", "modality": "CT"},  # relative to the workflow directory
+        {"id": "mr01", "input": str(tmp_path / "mr.zarr"), "modality": "MR"},
+        {"id": "gen", "input": "phantom:ct_chest?seed=1", "modality": "CT"},  # generated, not a path
+    ]
+    cfgmod.check_subject_inputs(subjects, tmp_path)
+    typo = {"id": "ct02", "input": "data/ct_chset_s1", "modality": "CT"}
+    with pytest.raises(ConfigError) as err:
+        cfgmod.check_subject_inputs([*subjects, typo], tmp_path)
+    assert_clear(err.value, "'ct02'", "data/ct_chset_s1", "does not exist", tmp_path)
+    assert "data/ct_chest_s1" in err.value.fix and "\n" not in str(err.value)
+    gone = {"id": "mr02", "input": str(tmp_path / "gone.nii.gz"), "modality": "MR"}
+    with pytest.raises(ConfigError) as err:
+        cfgmod.check_subject_inputs([*subjects, typo, gone], tmp_path)
+    assert_clear(err.value, "2 subjects", "'ct02'", "data/ct_chset_s1", "'mr02'", "gone.nii.gz")
+
+
 # ----------------------------------------------------------------------------------- DICOM folder, no images
 
 
