@@ -126,6 +126,27 @@ def test_missing_paths_are_named_by_every_verb(capsys, ct_volume, ct_measurement
     assert not out.exists() and not (tmp_path / "m.json").exists()
 
 
+def test_subject_whose_input_does_not_exist_is_named_at_load_time(tmp_path):
+    """What the workflow checks when it loads the config (workflow/rules/common.smk), before planning jobs."""
+    (tmp_path / "data" / "ct_chest_s1").mkdir(parents=True)
+    (tmp_path / "mr.zarr").mkdir()
+    subjects = [
+        {"id": "ct01", "input": "data/ct_chest_s1", "modality": "CT"},  # relative to the workflow directory
+        {"id": "mr01", "input": str(tmp_path / "mr.zarr"), "modality": "MR"},
+        {"id": "gen", "input": "phantom:ct_chest?seed=1", "modality": "CT"},  # generated, not a path
+    ]
+    cfgmod.check_subject_inputs(subjects, tmp_path)
+    typo = {"id": "ct02", "input": "data/ct_chset_s1", "modality": "CT"}
+    with pytest.raises(ConfigError) as err:
+        cfgmod.check_subject_inputs([*subjects, typo], tmp_path)
+    assert_clear(err.value, "'ct02'", "data/ct_chset_s1", "does not exist", tmp_path)
+    assert "data/ct_chest_s1" in err.value.fix and "\n" not in str(err.value)
+    gone = {"id": "mr02", "input": str(tmp_path / "gone.nii.gz"), "modality": "MR"}
+    with pytest.raises(ConfigError) as err:
+        cfgmod.check_subject_inputs([*subjects, typo, gone], tmp_path)
+    assert_clear(err.value, "2 subjects", "'ct02'", "data/ct_chset_s1", "'mr02'", "gone.nii.gz")
+
+
 # ----------------------------------------------------------------------------------- DICOM folder, no images
 
 
@@ -142,6 +163,30 @@ def test_dicom_folder_without_images(tmp_path):
         ingest(junk, tmp_path / "j.zarr", cfgmod.validate({}))
     assert_clear(err.value, junk, "notes.txt", "not a DICOM file")
     assert not (tmp_path / "e.zarr").exists() and not (tmp_path / "j.zarr").exists()
+
+
+def test_single_dicom_image_is_named_as_a_single_image(tmp_path):
+    """A subject whose input is one file of a series: say so, not "too few slice positions"."""
+    files = write_dicom_series(np.zeros(SHAPE, np.float32), Geometry(SPACING), tmp_path / "dcm", modality="CT")
+    with pytest.raises(InputError) as err:
+        ingest(files[1], tmp_path / "one.zarr", cfgmod.validate({}))
+    assert_clear(err.value, files[1], "single image", "ingest.min_slices")
+    assert "folder" in err.value.fix
+    assert not (tmp_path / "one.zarr").exists()
+
+
+@pytest.mark.parametrize("keep", ["header_and_part_of_the_pixels", "first_400_bytes"])
+def test_truncated_dicom_image_is_named_as_truncated(tmp_path, keep):
+    files = write_dicom_series(np.zeros(SHAPE, np.float32), Geometry(SPACING), tmp_path / "dcm", modality="CT")
+    cut = files[0]
+    size = cut.stat().st_size
+    with open(cut, "r+b") as f:
+        f.truncate(size - 100 if keep == "header_and_part_of_the_pixels" else 400)
+    with pytest.raises(InputError) as err:
+        ingest(cut, tmp_path / "cut.zarr", cfgmod.validate({}))
+    assert_clear(err.value, cut, "truncated")
+    assert "single image" not in str(err.value) and "slice position" not in str(err.value)
+    assert not (tmp_path / "cut.zarr").exists()
 
 
 # ----------------------------------------------------------------------------------------- NaN/Inf voxels

@@ -41,6 +41,20 @@ def test_bad_config_key_stops_the_workflow(tmp_path):
     assert "veiws" in proc.stdout + proc.stderr
 
 
+def test_subject_with_a_missing_input_stops_the_workflow_at_load_time(tmp_path):
+    """Checked when the config is loaded, not when (or if) Snakemake decides to run that subject's ingest."""
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["subjects"].append({"id": "ct02", "input": "data/demo/ct_chset_s1", "modality": "CT"})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _snakemake(["-n", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
+                       "--configfile", str(tmp_path / "c.yaml")], REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    named = [line for line in out.splitlines() if "'ct02'" in line and "data/demo/ct_chset_s1" in line]
+    assert len(named) == 1 and "does not exist" in named[0] and "Fix:" in named[0], out
+    assert "Traceback" not in out and "Building DAG" not in out, out
+
+
 def test_tiny_study_runs_end_to_end(tmp_path):
     """ingest (DICOM + zarr) → measure → reconstruct → evaluate → report, for real, on a tiny study."""
     from medrecon.io.dicom_writer import write_dicom_series
@@ -82,6 +96,14 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     again = _snakemake(["-n", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                         "--configfile", str(tmp_path / "config.yaml")], tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # A new subject with a mistyped input is an error, not "Nothing to be done" beside the old report.
+    cfg["subjects"].append({"id": "c2", "input": str(tmp_path / "cct"), "modality": "CT"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    typo = _snakemake(["-n", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                       "--configfile", str(tmp_path / "config.yaml")], tmp_path)
+    said = typo.stdout + typo.stderr
+    assert typo.returncode != 0 and "Nothing to be done" not in said, said
+    assert any("'c2'" in line and str(tmp_path / "cct") in line for line in said.splitlines()), said
     shutil.rmtree(res)
 
 

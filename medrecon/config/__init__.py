@@ -8,6 +8,7 @@ is also usable, and checked, without Snakemake. Unknown keys and wrong types are
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,45 @@ def load(spec: str | Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"Config {source} must be a mapping of keys to values.", fix="see config.yaml.")
     return validate(data, source)
+
+
+def check_subject_inputs(subjects: list[dict[str, Any]], base: str | Path | None = None) -> None:
+    """Refuse subjects whose ``input`` path does not exist, before any job is planned.
+
+    Why at load time: Snakemake only looks at a missing input when it decides to run that job, so a new
+    subject with a mistyped path in a study that already has a report can leave the old report "up to date"
+    and the user with stale results. Relative paths are taken from ``base`` (default: the working directory,
+    which Snakemake sets to the workflow directory). Generated inputs (``phantom:...``) are not paths.
+    """
+    from medrecon.io.ingest import PHANTOM_PREFIX
+
+    root = Path.cwd() if base is None else Path(base)
+    missing = []
+    for subject in subjects:
+        src = str(subject["input"])
+        if src.startswith(PHANTOM_PREFIX) or (root / src).exists():
+            continue
+        missing.append((str(subject["id"]), src, _close_match(root, src)))
+    if not missing:
+        return
+    where = f"relative paths are taken from {root}"
+    hints = ", ".join(f"{hint} for {sid!r}" for sid, _, hint in missing if hint)
+    hint = f" (did you mean {hints}?)" if hints else ""
+    if len(missing) == 1:
+        sid, src, _ = missing[0]
+        raise ConfigError(f"Subject {sid!r}: input {src} does not exist ({where}).",
+                          fix=f"correct the subject's `input` in the config{hint}, or remove the subject.")
+    listing = "; ".join(f"{sid!r}: {src}" for sid, src, _ in missing)
+    raise ConfigError(f"{len(missing)} subjects have an input that does not exist ({where}): {listing}.",
+                      fix=f"correct these subjects' `input` in the config{hint}, or remove them.")
+
+
+def _close_match(root: Path, src: str) -> str | None:
+    """The sibling of a mistyped path that is most like it (e.g. ct_chset_s1 -> ct_chest_s1), if any."""
+    path = Path(src)
+    parent = root / path.parent
+    if not parent.is_dir():
+        return None
+    names = [p.name for p in parent.iterdir()]
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+    return str(path.parent / close[0]) if close else None

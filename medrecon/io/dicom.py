@@ -4,7 +4,12 @@ Three steps, each usable on its own:
 
 1. :func:`scan` walks a folder (or takes one file), reads headers only (``stop_before_pixels``), skips what is
    not a DICOM image (with a reason per file), and groups images by SeriesInstanceUID. Two series are never
-   merged (MONAI's ``PydicomReader`` does merge them, with a wrong spacing).
+   merged (MONAI's ``PydicomReader`` does merge them, with a wrong spacing). Images whose SeriesInstanceUID
+   is missing or empty (anonymisers often blank it, and StudyInstanceUID with it) are not dropped: they are
+   grouped by the fallback key :data:`FALLBACK_KEY` (StudyInstanceUID, SeriesNumber, Modality,
+   FrameOfReferenceUID, ImageOrientationPatient within ``IOP_TOLERANCE``, Rows x Columns; dcm2niix likewise
+   keeps images of another series number, image size or orientation apart), with one warning per group
+   naming the key values. Such a group is selected by its SeriesNumber or its ``nouid-...`` key.
 2. :func:`plan_series` turns one series into one :class:`VolumePlan` per time point. Geometry follows DICOM
    C.7.6.2.1.1: the IOP row cosine ``r`` is the direction of increasing column index (x), the column cosine
    ``c`` that of increasing row index (y), the slice normal is ``n = r x c``. Slices are ordered by their
@@ -38,6 +43,8 @@ classic single-frame images.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -70,6 +77,22 @@ _PIXEL_TAGS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresent
 _GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _TIME_KEYS = ("AcquisitionNumber", "TemporalPositionIdentifier", "AcquisitionTime", "InstanceNumber")
 _MAX_SKIPPED_IN_META = 200
+# Images without a SeriesInstanceUID are grouped by these (the orientation within IOP_TOLERANCE).
+FALLBACK_KEY = ("StudyInstanceUID", "SeriesNumber", "Modality", "FrameOfReferenceUID", "ImageOrientationPatient",
+                "Rows x Columns")
+# Reasons for skipping a file: each reason starts with one of these, so that messages can count them.
+SKIP_NOT_DICOM = "not a DICOM file"
+SKIP_UNREADABLE = "unreadable DICOM header"
+SKIP_DICOMDIR = "DICOMDIR"
+SKIP_NOT_IMAGE = "not an image"
+SKIP_TRUNCATED = "truncated image"
+_SKIP_FIX = {
+    SKIP_NOT_DICOM: "point at a DICOM file or folder, or at a .nii/.nii.gz file or a medrecon .zarr volume.",
+    SKIP_UNREADABLE: "the file is corrupt or truncated: copy or export it again.",
+    SKIP_DICOMDIR: "point at the folder holding the image files (the DICOMDIR only indexes them).",
+    SKIP_NOT_IMAGE: "point at the image series (CT/MR), not at a report, structured report or other object.",
+    SKIP_TRUNCATED: "the file was cut short (an interrupted copy or download): copy or export it again.",
+}
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -121,7 +144,7 @@ class SliceHeader:
 
 @dataclass
 class SeriesInfo:
-    """One series (all images sharing a SeriesInstanceUID)."""
+    """One series: all images sharing a SeriesInstanceUID, or (``uid`` empty) a :data:`FALLBACK_KEY`."""
 
     uid: str
     number: str
@@ -131,6 +154,29 @@ class SeriesInfo:
     patient_id: str
     frame_of_reference_uid: str
     headers: list[SliceHeader] = field(default_factory=list)
+    fallback_key: dict[str, str] | None = None  # the FALLBACK_KEY values, for images without SeriesInstanceUID
+
+    @property
+    def key(self) -> str:
+        """The SeriesInstanceUID, or for a fallback group a stable digest of its key (selectable as `series`)."""
+        if self.uid:
+            return self.uid
+        text = json.dumps(self.fallback_key or {}, sort_keys=True)
+        return "nouid-" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    @property
+    def identity(self) -> str:
+        """How the series was told apart from others: its UID, or what was found instead of one."""
+        if self.uid:
+            return f"SeriesInstanceUID {self.uid}"
+        n = len(self.headers)
+        return (f"{n} {self.modality or 'unknown-modality'} image{'s' if n != 1 else ''} without "
+                f"SeriesInstanceUID, grouped by the fallback key as {self.key}")
+
+    @property
+    def fallback_text(self) -> str:
+        """The fallback key's values, e.g. 'StudyInstanceUID (empty), SeriesNumber 3, ...' ('' with a UID)."""
+        return ", ".join(f"{k} {v or '(empty)'}" for k, v in (self.fallback_key or {}).items())
 
     @property
     def files(self) -> list[Path]:
@@ -145,11 +191,13 @@ class SeriesInfo:
     def label(self) -> str:
         """How error messages name the series: number, description, UID and folder."""
         desc = f" '{self.description}'" if self.description else ""
-        return f"series {self.number or '?'}{desc} (SeriesInstanceUID {self.uid}) in {self.folder}"
+        return f"series {self.number or '?'}{desc} ({self.identity}) in {self.folder}"
 
     def summary(self) -> str:
+        ident = (f"SeriesInstanceUID {self.uid}" if self.uid
+                 else f"no SeriesInstanceUID, {self.key}: {self.fallback_text}")
         return (f"SeriesNumber {self.number or '?'}, '{self.description}', {self.modality}, "
-                f"{len(self.headers)} files, SeriesInstanceUID {self.uid}")
+                f"{len(self.headers)} files, {ident}")
 
 
 @dataclass
@@ -208,45 +256,88 @@ def _walk(src: Path) -> Iterable[Path]:
             yield Path(dirpath) / name
 
 
+def _new_series(ds: pydicom.Dataset, uid: str) -> SeriesInfo:
+    return SeriesInfo(uid=uid, number=_text(ds, "SeriesNumber"), description=_text(ds, "SeriesDescription"),
+                      modality=_text(ds, "Modality").upper(), study_uid=_text(ds, "StudyInstanceUID"),
+                      patient_id=_text(ds, "PatientID"), frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"))
+
+
+def _group_without_uid(images: list[tuple[pydicom.Dataset, SliceHeader]]) -> list[SeriesInfo]:
+    """Group images that have no SeriesInstanceUID by :data:`FALLBACK_KEY`, the orientation within tolerance."""
+    groups: list[tuple[tuple[str, ...], tuple[float, ...] | None, SeriesInfo]] = []
+    for ds, h in images:
+        exact = (_text(ds, "StudyInstanceUID"), _text(ds, "SeriesNumber"), _text(ds, "Modality").upper(),
+                 _text(ds, "FrameOfReferenceUID"), f"{h.rows}x{h.columns}")
+        for key, iop, info in groups:
+            same_iop = (iop is None and h.iop is None) or (
+                iop is not None and h.iop is not None
+                and np.allclose(iop, h.iop, atol=IOP_TOLERANCE, rtol=0))
+            if key == exact and same_iop:
+                info.headers.append(h)
+                break
+        else:
+            info = _new_series(ds, "")
+            orientation = ",".join(f"{v:.4f}".rstrip("0").rstrip(".") for v in h.iop) if h.iop else ""
+            info.fallback_key = dict(zip(FALLBACK_KEY, (*exact[:4], orientation, exact[4]), strict=True))
+            info.headers.append(h)
+            groups.append((exact, h.iop, info))
+    return [info for _, _, info in groups]
+
+
+def _skip_reason(path: Path, ds: pydicom.Dataset, sop: str) -> str | None:
+    """Why a readable DICOM file is not an image of a series (None: it is one)."""
+    if sop == DICOMDIR_SOP_CLASS or path.name.upper() == "DICOMDIR":
+        return f"{SKIP_DICOMDIR} (a media directory index, not an image)"
+    if ds.get("Rows") in (None, "") or ds.get("Columns") in (None, ""):
+        name = pydicom.uid.UID(sop).name if sop else "unknown SOP class"
+        if "Image Storage" in name:  # an image IOD that stops before the pixel description: cut short
+            return (f"{SKIP_TRUNCATED} (a {name} file that ends after {path.stat().st_size} bytes, before "
+                    "its Rows/Columns and pixel data)")
+        return f"{SKIP_NOT_IMAGE} (no Rows/Columns: {name})"
+    return None
+
+
 def scan(src: str | Path) -> ScanResult:
-    """Read the headers of every file under ``src`` and group the images by SeriesInstanceUID."""
+    """Read the headers of every file under ``src`` and group the images into series.
+
+    Images are grouped by SeriesInstanceUID; those without one (missing or empty) by :data:`FALLBACK_KEY`,
+    with a warning, because anonymised exports often blank the UIDs and dropping the files would refuse a
+    perfectly usable series.
+    """
     root = Path(src)
     if not root.exists():
         raise InputError(f"DICOM input {root} does not exist.", fix="check the path.")
     series: dict[str, SeriesInfo] = {}
+    without_uid: list[tuple[pydicom.Dataset, SliceHeader]] = []
     skipped: list[tuple[Path, str]] = []
     for path in _walk(root):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
         except InvalidDicomError:
-            skipped.append((path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"))
+            skipped.append((path, f"{SKIP_NOT_DICOM} (no 'DICM' marker after the 128-byte preamble)"))
             continue
         except Exception as err:  # pydicom raises many types on broken headers
-            skipped.append((path, f"unreadable DICOM header ({type(err).__name__}: {err})"))
+            skipped.append((path, f"{SKIP_UNREADABLE} ({type(err).__name__}: {err})"))
             continue
         sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
-        if sop == DICOMDIR_SOP_CLASS or path.name.upper() == "DICOMDIR":
-            skipped.append((path, "DICOMDIR (a media directory index, not an image)"))
-            continue
-        if ds.get("Rows") in (None, "") or ds.get("Columns") in (None, ""):
-            name = pydicom.uid.UID(sop).name if sop else "unknown SOP class"
-            skipped.append((path, f"not an image: no Rows/Columns ({name}); a truncated header if it "
-                                  "should be one"))
+        reason = _skip_reason(path, ds, sop)
+        if reason:
+            skipped.append((path, reason))
             continue
         uid = _text(ds, "SeriesInstanceUID")
         if not uid:
-            skipped.append((path, "image without SeriesInstanceUID (cannot be assigned to a series)"))
+            without_uid.append((ds, _header(path, ds)))
             continue
-        info = series.get(uid)
-        if info is None:
-            info = series[uid] = SeriesInfo(
-                uid=uid, number=_text(ds, "SeriesNumber"), description=_text(ds, "SeriesDescription"),
-                modality=_text(ds, "Modality").upper(), study_uid=_text(ds, "StudyInstanceUID"),
-                patient_id=_text(ds, "PatientID"), frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"))
-        info.headers.append(_header(path, ds))
+        if uid not in series:
+            series[uid] = _new_series(ds, uid)
+        series[uid].headers.append(_header(path, ds))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
-    ordered = sorted(series.values(), key=lambda s: (_series_number_key(s.number), s.uid))
+    fallback = _group_without_uid(without_uid)
+    for info in fallback:
+        log.warning("DICOM under %s: %s (SeriesInstanceUID missing or empty, as anonymisers often leave it): "
+                    "%s; treated as one series.", root, info.identity, info.fallback_text)
+    ordered = sorted([*series.values(), *fallback], key=lambda s: (_series_number_key(s.number), s.key))
     return ScanResult(root, ordered, skipped)
 
 
@@ -386,6 +477,32 @@ def _gap_summary(gaps: np.ndarray) -> str:
     return ", then ".join(parts)
 
 
+def _names(files: list[Path], at_most: int = 5) -> str:
+    more = f" and {len(files) - at_most} more" if len(files) > at_most else ""
+    return ", ".join(f.name for f in files[:at_most]) + more
+
+
+def _refuse_too_few_slices(series: SeriesInfo, n_pos: int, min_slices: int) -> None:
+    """Raise the real problem of a series too thin for a volume.
+
+    A truncated or undecodable file is reported as such (decoding the few files is cheap), because "too few
+    slices" would send the user looking for missing files; a lone image is named, since the usual cause is an
+    ``input`` that points at one file instead of the series' folder.
+    """
+    for h in series.headers:  # _check_tags has made sure Rows and Columns are there
+        read_slice(h.path, (h.rows, h.columns))
+    if len(series.headers) == 1:
+        path = series.headers[0].path
+        raise _fail(series, f"{path} is a single image (one slice); a volume needs at least {min_slices} slice "
+                    "positions (ingest.min_slices).",
+                    "point at the folder that holds every slice of the series rather than at one file, or set "
+                    "ingest.min_slices: 1 if a one-slice volume is really intended.")
+    raise _fail(series, f"only {n_pos} slice position(s); at least {min_slices} are needed for a volume "
+                f"(ingest.min_slices), in {_names(series.files)}.",
+                "point at the complete series (all its files), or lower ingest.min_slices if a thin "
+                "volume is intended.")
+
+
 def plan_series(series: SeriesInfo, options: DicomOptions | None = None) -> list[VolumePlan]:
     """Check one series' geometry and plan its volume(s): one per time point when a 4D series is split."""
     options = options or DicomOptions()
@@ -427,10 +544,7 @@ def plan_series(series: SeriesInfo, options: DicomOptions | None = None) -> list
         time_key, groups = _time_order(series, groups)
 
     if n_pos < options.min_slices:
-        raise _fail(series, f"only {n_pos} slice position(s); at least {options.min_slices} are needed for a "
-                    "volume (ingest.min_slices).",
-                    "point at the complete series (all its files), or lower ingest.min_slices if a thin "
-                    "volume is intended.")
+        _refuse_too_few_slices(series, n_pos, options.min_slices)
 
     # Geometry of the stack (same for every time point).
     first = [g[0] for g in groups]
@@ -528,8 +642,8 @@ def read_slice(path: str | Path, expected_shape: tuple[int, int] | None = None) 
     try:
         stored = ds.pixel_array
     except Exception as err:
-        raise InputError(f"Cannot decode the pixel data of {path} ({type(err).__name__}: {err}).",
-                         fix="the file is truncated or corrupt: re-export the series.") from err
+        raise InputError(f"Cannot decode the pixel data of {path}: the file is truncated or corrupt "
+                         f"({type(err).__name__}: {err}).", fix="copy or re-export the series.") from err
     if stored.ndim != 2 or (expected_shape is not None and stored.shape != tuple(expected_shape)):
         raise InputError(f"Pixel data of {path} decodes to shape {stored.shape}, expected "
                          f"{tuple(expected_shape) if expected_shape else '(rows, columns)'}.",
@@ -599,15 +713,15 @@ def volume_name(plan: VolumePlan) -> str:
 def _select(scanned: ScanResult, series: str | None) -> list[SeriesInfo]:
     if series is None:
         return scanned.series
-    chosen = [s for s in scanned.series if series in (s.uid, s.number)]
+    chosen = [s for s in scanned.series if series in (s.uid, s.number, s.key)]
     listing = "; ".join(s.summary() for s in scanned.series)
     if not chosen:
         raise InputError(f"No series {series!r} under {scanned.root}; found: {listing}.",
-                         fix="set `series` to one of the SeriesInstanceUIDs or SeriesNumbers listed.")
+                         fix="set `series` to one of the SeriesInstanceUIDs, SeriesNumbers or keys listed.")
     if len(chosen) > 1:
         raise InputError(f"SeriesNumber {series!r} matches {len(chosen)} series under {scanned.root}: "
                          + "; ".join(s.summary() for s in chosen) + ".",
-                         fix="select by SeriesInstanceUID instead.")
+                         fix="select by SeriesInstanceUID (or the nouid-... key) instead.")
     return chosen
 
 
@@ -619,7 +733,9 @@ def _meta(plan: VolumePlan, options: DicomOptions, scanned: ScanResult, meta_ext
     meta: dict[str, Any] = {
         "modality": modality,
         "units": "HU" if modality == "CT" else "arbitrary",
-        "series": {"uid": s.uid, "number": s.number, "description": s.description},
+        "series": {"uid": s.uid, "number": s.number, "description": s.description, "key": s.key,
+                   "grouped_by": "SeriesInstanceUID" if s.uid else "fallback_key",
+                   **({"fallback_key": s.fallback_key} if s.fallback_key else {})},
         "study_uid": s.study_uid,
         "patient_id": s.patient_id,
         "frame_of_reference_uid": s.frame_of_reference_uid,
@@ -643,6 +759,33 @@ def _meta(plan: VolumePlan, options: DicomOptions, scanned: ScanResult, meta_ext
     return meta
 
 
+def _category(reason: str) -> str:
+    return next((c for c in _SKIP_FIX if reason.startswith(c)), reason)
+
+
+def _refuse_no_images(scanned: ScanResult) -> None:
+    """Raise what was found instead of images: a single file's real problem, or the files counted by reason."""
+    src, skipped = scanned.root, scanned.skipped
+    if src.is_file() and len(skipped) == 1:
+        reason = skipped[0][1]
+        raise InputError(f"DICOM file {src} is not a usable image: {reason}.",
+                         fix=_SKIP_FIX.get(_category(reason), "point at a DICOM image file or series folder."))
+    if not skipped:
+        raise InputError(f"No DICOM images found under {src}; it holds no files.",
+                         fix="point at a folder (or file) that holds DICOM image files.")
+    by_category: dict[str, list[tuple[Path, str]]] = {}
+    for path, reason in skipped:
+        by_category.setdefault(_category(reason), []).append((path, reason))
+    parts = []
+    for category, items in by_category.items():
+        listing = "; ".join(f"{p.name}: {why}" for p, why in items[:5])
+        more = f"; and {len(items) - 5} more" if len(items) > 5 else ""
+        parts.append(f"{len(items)} {category} ({listing}{more})")
+    fixes = [_SKIP_FIX[c] for c in by_category if c in _SKIP_FIX]
+    raise InputError(f"No usable DICOM images under {src}; {len(skipped)} files skipped: {', '.join(parts)}.",
+                     fix=" ".join(fixes) or "point at a folder (or file) that holds DICOM image files.")
+
+
 def ingest_dicom(src: str | Path, out: str | Path, options: DicomOptions | None = None,
                  series: str | None = None, timepoint: int | None = None,
                  meta_extra: dict[str, Any] | None = None, memory_mb: float | None = None) -> list[Path]:
@@ -659,12 +802,7 @@ def ingest_dicom(src: str | Path, out: str | Path, options: DicomOptions | None 
     src, out = Path(src), Path(out)
     scanned = scan(src)
     if not scanned.series:
-        listing = "; ".join(f"{p.name}: {why}" for p, why in scanned.skipped[:10])
-        more = f" (and {len(scanned.skipped) - 10} more)" if len(scanned.skipped) > 10 else ""
-        found = (f"{len(scanned.skipped)} files skipped: {listing}{more}" if scanned.skipped
-                 else "it holds no files")
-        raise InputError(f"No DICOM images found under {src}; {found}.",
-                         fix="point at a folder (or file) that holds DICOM image files.")
+        _refuse_no_images(scanned)
     chosen = _select(scanned, series)
     single = out.name.endswith(".zarr")
     if single and len(chosen) > 1:
@@ -697,7 +835,7 @@ def _write_directory(plans: list[VolumePlan], metas: list[dict[str, Any]], out: 
     for plan in plans:
         name = volume_name(plan)
         if name in names:  # two series with the same number and description: disambiguate by UID
-            name = name[:-5] + f"_{_sanitise(plan.series.uid)[-8:]}.zarr"
+            name = name[:-5] + f"_{_sanitise(plan.series.key)[-8:]}.zarr"
         names.append(name)
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

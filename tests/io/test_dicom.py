@@ -159,6 +159,86 @@ def test_two_series_in_one_folder_are_never_merged(tmp_path: Path) -> None:
         ingest_dicom(tmp_path / "dcm", tmp_path / "x.zarr", series="5")
 
 
+# ----------------------------------------------------------------------- anonymised series (no SeriesInstanceUID)
+def _blank_uids(files: list[Path], how: str = "empty", compress: bool = False) -> None:
+    """What anonymisers do: SeriesInstanceUID and StudyInstanceUID left empty (or removed); optionally JPEG 2000."""
+    for f in files:
+        ds = pydicom.dcmread(f)
+        for keyword in ("SeriesInstanceUID", "StudyInstanceUID"):
+            if how == "empty":
+                setattr(ds, keyword, "")
+            else:
+                delattr(ds, keyword)
+        if compress:
+            ds.compress(pydicom.uid.JPEG2000Lossless)
+        ds.save_as(f)
+
+
+@pytest.mark.parametrize("how", ["empty", "missing"])
+def test_anonymised_series_without_uids_ingests_as_one_volume(tmp_path: Path, how: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The reported case in small: 20 JPEG 2000 CT slices whose Series/StudyInstanceUID are empty."""
+    vol = _ct((20, 32, 32), seed=4)  # JPEG 2000 needs >= 32 pixels for its default 6 resolutions
+    geo = Geometry(SPACING, ORIGIN)
+    files = write_dicom_series(vol, geo, tmp_path / "dcm", rescale_slope=0.5, series_number=7,
+                               shuffle_names=True)
+    _blank_uids(files, how, compress=how == "empty")
+    if how == "empty":
+        assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
+    with caplog.at_level(logging.WARNING, logger="medrecon.io.dicom"):
+        found = scan(tmp_path / "dcm")
+        v = Volume.open(ingest_dicom(tmp_path / "dcm", tmp_path / "v.zarr")[0])
+    assert len(found.series) == 1 and found.skipped == []
+    np.testing.assert_array_equal(v.read(), vol)
+    assert v.geometry.isclose(geo, rtol=1e-6, atol=1e-6)
+    series = v.meta["series"]
+    assert series["uid"] == "" and series["grouped_by"] == "fallback_key"
+    assert series["key"].startswith("nouid-") and series["fallback_key"]["SeriesNumber"] == "7"
+    assert series["fallback_key"]["StudyInstanceUID"] == ""
+    warned = [r.getMessage() for r in caplog.records if r.name == "medrecon.io.dicom"]
+    assert any("20 CT images without SeriesInstanceUID" in m and "SeriesNumber 7" in m for m in warned), warned
+
+
+def test_anonymised_series_with_different_numbers_stay_apart(tmp_path: Path) -> None:
+    """Without UIDs, SeriesNumber (and orientation, size, ...) still keep series apart, even at equal positions."""
+    geo = Geometry(SPACING, ORIGIN)
+    a, b = _ct((4, 6, 6), seed=1), _ct((4, 6, 6), seed=2)
+    files = write_dicom_series(a, geo, tmp_path / "dcm", series_number=1, series_description="first",
+                               rescale_slope=0.5)
+    files += write_dicom_series(b, geo, tmp_path / "dcm", series_number=2, series_description="second",
+                                rescale_slope=0.5)
+    small = write_dicom_series(_ct((3, 5, 5)), geo, tmp_path / "dcm" / "small", series_number=2,
+                               series_description="second", rescale_slope=0.5)  # same number, other size
+    _blank_uids(files + small)
+    found = scan(tmp_path / "dcm")
+    assert sorted((s.number, len(s.files)) for s in found.series) == [("1", 4), ("2", 3), ("2", 4)]
+    assert all(s.uid == "" for s in found.series) and len({s.key for s in found.series}) == 3
+
+    with pytest.raises(InputError) as err:
+        ingest_dicom(tmp_path / "dcm", tmp_path / "one.zarr")
+    msg = str(err.value)
+    assert "3 series" in msg and "no SeriesInstanceUID" in msg and "Rows x Columns 5x5" in msg
+    picked = Volume.open(ingest_dicom(tmp_path / "dcm", tmp_path / "one.zarr", series="1")[0])
+    np.testing.assert_array_equal(picked.read(), a)
+    with pytest.raises(InputError, match="SeriesNumber '2' matches 2 series"):
+        ingest_dicom(tmp_path / "dcm", tmp_path / "two.zarr", series="2")
+    key = next(s.key for s in found.series if s.number == "2" and len(s.files) == 4)
+    np.testing.assert_array_equal(Volume.open(ingest_dicom(tmp_path / "dcm", tmp_path / "two.zarr",
+                                                           series=key)[0]).read(), b)
+    out = ingest_dicom(tmp_path / "dcm", tmp_path / "vols")
+    assert len(out) == 3 and len({p.name for p in out}) == 3
+
+
+def test_errors_on_an_anonymised_series_say_what_was_found(tmp_path: Path) -> None:
+    files = write_dicom_series(_ct((2, 4, 4)), Geometry(SPACING), tmp_path / "dcm", rescale_slope=0.5)
+    _blank_uids(files)
+    with pytest.raises(InputError) as err:
+        ingest_dicom(tmp_path / "dcm", tmp_path / "v.zarr")
+    msg = str(err.value)
+    assert "2 CT images without SeriesInstanceUID" in msg and "only 2 slice position(s)" in msg
+    assert "No DICOM images" not in msg
+
+
 # --------------------------------------------------------------------------------------- spacing and tilt
 def _ramp(positions_mm: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Slices whose value is 10 * position (mm) + column index: linear along the normal."""
@@ -395,7 +475,7 @@ def test_non_dicom_and_non_image_files_are_skipped_and_reported(tmp_path: Path,
 def test_folder_without_dicom_images(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
-    with pytest.raises(InputError, match=r"No DICOM images found under .*2 files skipped") as err:
+    with pytest.raises(InputError, match=r"No usable DICOM images under .*2 files skipped") as err:
         ingest_dicom(tmp_path, tmp_path / "v.zarr")
     assert "notes.txt" in str(err.value)
 

@@ -50,6 +50,34 @@ def test_ct_folder_holds_exactly_two_series() -> None:
     assert {s.folder.name for s in found.series} == {"philips_phantom_5mm", "ge_head_tilt_varspacing"}
 
 
+def test_philips_phantom_anonymised_with_empty_uids(tmp_path: Path) -> None:
+    """The real series with Series/StudyInstanceUID blanked, as anonymisers leave them: still one volume."""
+    src = real("ct_series", "philips_phantom_5mm")
+    anon = tmp_path / "anon"
+    anon.mkdir()
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = ds.StudyInstanceUID = ""
+        ds.save_as(anon / f.name)
+    found = scan(anon)
+    assert len(found.series) == 1 and found.series[0].uid == "" and found.skipped == []
+    v = Volume.open(ingest_dicom(anon, tmp_path / "ph.zarr")[0])
+    assert v.shape == (28, 512, 512)
+    np.testing.assert_allclose(v.geometry.spacing, (5.0, 0.451171875, 0.451171875), rtol=1e-6)
+    np.testing.assert_allclose(v.geometry.origin, (-115.5, -1.85, 696.21), atol=1e-6)
+    assert v.meta["series"]["grouped_by"] == "fallback_key"
+    assert v.meta["series"]["description"] == "STD BRAIN 5MM"
+
+
+@pytest.mark.parametrize("name", ["TOSHIBA_J2K_OpenJPEGv2Regression.dcm", "MAROTECH_CT_JP2Lossy.dcm"])
+def test_one_real_jpeg2000_image_is_named_as_a_single_image(tmp_path: Path, name: str) -> None:
+    src = real("compressed", "single", name)
+    with pytest.raises(InputError) as err:
+        ingest_dicom(src, tmp_path / "one.zarr")
+    assert str(src) in str(err.value) and "single image" in str(err.value)
+    assert not (tmp_path / "one.zarr").exists()
+
+
 def test_ge_head_tilt_and_irregular_spacing(tmp_path: Path) -> None:
     src = real("ct_series", "ge_head_tilt_varspacing")
     with pytest.raises(InputError) as err:

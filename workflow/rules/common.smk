@@ -11,6 +11,17 @@ SUBJECTS = {s["id"]: s for s in config["subjects"]}
 if len(SUBJECTS) != len(config["subjects"]):
     raise ValueError(f"config: subject ids must be unique in study {STUDY!r}")
 
+# A subject whose input does not exist stops the workflow here, naming it: Snakemake would look at the path only
+# if it decided to run that subject's ingest, and might instead call an old report up to date.
+from snakemake.exceptions import WorkflowError
+from medrecon.config import check_subject_inputs
+from medrecon.errors import MedreconError
+
+try:
+    check_subject_inputs(config["subjects"])
+except MedreconError as err:
+    raise WorkflowError(f"{type(err).__name__}: {err}") from None
+
 
 METHODS = sorted({m for ms in config["reconstruct"]["methods"].values() for m in ms})
 
