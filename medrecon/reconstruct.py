@@ -23,7 +23,7 @@ from medrecon.budget import check_memory_budget
 from medrecon.errors import ConfigError, DeviceError, InputError
 from medrecon.measurement import Measurement
 from medrecon.provenance import config_hash, peak_rss_mb, provenance
-from medrecon.recon.registry import METHOD_MODALITIES, METHODS, ReconProblem
+from medrecon.recon.registry import METHOD_INIT, METHOD_MODALITIES, METHODS, ReconProblem
 from medrecon.recon.slabs import (
     Slab,
     find_slabs,
@@ -151,9 +151,20 @@ class VolumeStats:
         return stats
 
 
+def _initial_image(method: str, modality: str, op: Any, y: torch.Tensor, per_slice: bool) -> torch.Tensor | None:
+    """The starting image the method documents (registry ``init``): FBP for per-slice CT, else none."""
+    if METHOD_INIT.get(method) != "fbp" or modality != "CT" or not per_slice:
+        return None
+    from medrecon.recon.ct_fbp import fbp
+
+    with torch.no_grad():
+        return fbp(op, y)
+
+
 def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, device: torch.device,
-                  stats: VolumeStats | None = None) -> ReconProblem:
-    """The inverse problem of one slab (for a per-slice operator: slices lo..hi-1 and their data)."""
+                  stats: VolumeStats | None = None, method: str | None = None) -> ReconProblem:
+    """The inverse problem of one slab (for a per-slice operator: slices lo..hi-1 and their data), with the
+    starting image ``method`` wants (:func:`_initial_image`)."""
     z, y_, x_ = meas.image_shape
     if per_slice and (slab.lo, slab.hi) != (0, z):
         op = op.slab(slab.lo, slab.hi) if hasattr(op, "slab") else op
@@ -162,8 +173,9 @@ def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, devic
     else:
         y = torch.from_numpy(meas.read()).to(device)
         shape = meas.image_shape
+    init = None if method is None else _initial_image(method, meas.modality, op, y, per_slice)
     problem = ReconProblem(y=y, operator=op, modality=meas.modality, image_shape=shape,
-                           noise_std=meas.meta.get("noise", {}).get("std"),
+                           noise_std=meas.meta.get("noise", {}).get("std"), init=init,
                            meta={**meas.meta, "spacing": list(meas.image_geometry.spacing),
                                  "slab": {"range": [slab.start, slab.stop, slab.lo, slab.hi]},
                                  "volume_stats": stats or {}})
@@ -282,7 +294,7 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
         if target is not None and _finished_slab(target, digest):
             log.info("%s: slab %d already finished (%s)", method, slab.index, target)
             continue
-        problem = _slab_problem(meas, op, slab, per_slice, device, stats)
+        problem = _slab_problem(meas, op, slab, per_slice, device, stats, method)
         core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
         result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),
                                 device, core)

@@ -223,14 +223,14 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
     return ReconResult(samples=samples, nfe=den.nfe, info=info)
 
 
-@register_method("padis")
+@register_method("padis", init="fbp")
 def padis(problem: ReconProblem, params: dict, prior: Prior, generator: torch.Generator | None = None
           ) -> ReconResult:
     """Posterior samples (S, *image_shape) by PaDIS (2D patch prior, slices batched); see module docstring."""
     return _sample(problem, params, prior, generator, three_d=False, name="padis")
 
 
-@register_method("padis3d")
+@register_method("padis3d", init="fbp")
 def padis3d(problem: ReconProblem, params: dict, prior: Prior, generator: torch.Generator | None = None
             ) -> ReconResult:
     """Posterior samples (S, Z, Y, X) by PaDIS with d x P x P slab patches (3D variant)."""

@@ -53,15 +53,19 @@ class ReconResult:
 Method = Callable[[ReconProblem, dict, Any, torch.Generator | None], ReconResult]
 METHODS: dict[str, Method] = {}
 METHOD_MODALITIES: dict[str, tuple[str, ...]] = {}
+# Methods that start from a classical reconstruction: the reconstruct step puts it in ``ReconProblem.init``
+# ("fbp": filtered back-projection of per-slice CT; other modalities/geometries get no init).
+METHOD_INIT: dict[str, str | None] = {}
 
 
 def register_method(name: str, modalities: tuple[str, ...] = ("CT", "MR"),
-                    params: tuple[str, ...] | None = None) -> Callable[[Method], Method]:
+                    params: tuple[str, ...] | None = None, init: str | None = None) -> Callable[[Method], Method]:
     """Function decorator: register a reconstruction method under ``name`` for the given modalities.
 
     ``params``: the keys the method reads; any other key in its params is a :class:`ConfigError` before it runs
     (a typo such as ``iters`` for ``n_iter`` must not pass silently). Methods that check their own parameters
-    (the diffusion samplers, with defaults) leave it None.
+    (the diffusion samplers, with defaults) leave it None. ``init``: the starting image the method documents
+    (``"fbp"``), computed by the reconstruct step for every slab.
     """
 
     def deco(fn: Method) -> Method:
@@ -83,6 +87,7 @@ def register_method(name: str, modalities: tuple[str, ...] = ("CT", "MR"),
 
         METHODS[name] = run
         METHOD_MODALITIES[name] = modalities
+        METHOD_INIT[name] = init
         return run
 
     return deco
