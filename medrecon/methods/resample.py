@@ -246,7 +246,9 @@ def _sample(method: str, problem: ReconProblem, p: dict[str, Any], prior: Latent
     res = torch.cat(residuals)
     info = {"method": method, "params": p, "time_s": time.perf_counter() - t_start,
             "final_residual_mse_mean": float(res.mean()), "final_residual_mse_max": float(res.max()),
-            "stop_mse": threshold, "latent_shape": [cz, h, w], "canvas": list(lay.canvas.shape), **stats}
+            "stop_mse": threshold, "latent_shape": [cz, h, w], "canvas": list(lay.canvas.shape),
+            # the output is a decoded latent: it cannot beat the autoencoder's round trip (its PSNR ceiling)
+            "ceiling_psnr_db": prior.meta.get("autoencoder_roundtrip_psnr_db"), **stats}
     return ReconResult(samples=samples, nfe=int(getattr(den, "nfe", len(pairs))), info=info)
 
 

@@ -226,10 +226,14 @@ def _ae_round_trip(tmp_path, side: int, steps: int) -> tuple[float, float, float
            "ema_decay": 0.9, "device": "cpu"}
     train_autoencoder(cfg, ArrayDataset(train_x.numpy()), tmp_path / "ae.pt", modality="CT",
                       normalisation=default_normalisation("CT"))
-    _, codec = load_codec(tmp_path / "ae.pt")
+    lp, codec = load_codec(tmp_path / "ae.pt")
     with torch.no_grad():
         psnr = _psnr(codec.decode(codec.encode(test_x)), test_x)
         latent_std = float(codec.encode(train_x).std())
+        # the checkpoint records the training round trip (ReSample's ceiling), computed like this one
+        train_psnr = 10 * math.log10(float(train_x.max() - train_x.min()) ** 2
+                                     / float((codec.decode(codec.encode(train_x)) - train_x).pow(2).mean()))
+    assert lp.train_config["roundtrip_psnr_db"] == pytest.approx(train_psnr, abs=0.2)   # (items carry flips)
     baseline = _psnr(train_x.mean(0, keepdim=True).expand_as(test_x), test_x)
     return psnr, baseline, latent_std
 
