@@ -1,12 +1,18 @@
-"""Speed of the MRI operators: torch SENSE (per slice and batched) against SigPy's Sense, and the NUFFT.
+"""Speed of the MRI operators per slice: torch SENSE batched vs single-slice vs SigPy's Sense, and the NUFFT.
 
-Each row is one forward + adjoint pair (8 coils, 256x256 unless stated), median of ``repeats`` runs after
-one warm-up (numba compilation and FFT plans are excluded). Run ``python benchmarks/bench_mri.py`` to print
-a table and write ``benchmarks/out/bench_mri.json``.
+SENSE rows, for 256^2 and 320^2 images with 8 coils (``--coils`` adds more), 4x Cartesian undersampling:
+one forward + adjoint pair per slice, timed three ways on the same ``SLICES`` slices -- one batched call,
+one call per slice, and SigPy's ``Sense`` linop slice by slice (NumPy FFT, one thread) -- plus the batched
+``normal`` (A^H A, what CG data consistency calls). The paths alternate within each repeat so that
+background load hits all alike; medians of ``repeats`` after one warm-up each (FFT plans, caches), and
+ratios are against SigPy in the same run. Per-slice calls do not keep their k-space (the batched call must
+return all of it), so they are the harder baseline. Run ``python benchmarks/bench_mri.py`` to print a
+table and write ``benchmarks/out/bench_mri.json``; ``benchmarks/operators.py`` includes these rows.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -25,59 +31,88 @@ from medrecon.physics.mri_sampling import (
     radial_trajectory,
 )
 
-N, COILS, SLICES = 256, 8, 16
+SIZES, COILS, SLICES = (256, 320), (8,), 8
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: numba compilation, FFT plans, caches
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _paired(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, alternating them within each repeat (after one warm-up each)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def mri_rows(repeats: int = 5) -> list[dict]:
-    """Benchmark rows {name, median_s, notes}."""
+def sense_rows(n: int, coils: int, repeats: int) -> list[dict]:
+    """Per-slice forward + adjoint: batched, single-slice, SigPy (and batched normal), one paired run."""
     g = torch.Generator().manual_seed(0)
-    maps = birdcage_coils(COILS, (N, N))
-    mask = cartesian_mask_1d((N, N), 4.0, 24, seed=0)
-    op = Sense2D(maps, mask)
-    x1 = torch.complex(torch.randn(N, N, generator=g), torch.randn(N, N, generator=g))
-    xb = torch.complex(torch.randn(SLICES, N, N, generator=g), torch.randn(SLICES, N, N, generator=g))
-    threads = torch.get_num_threads()
-
+    op = Sense2D(birdcage_coils(coils, (n, n)), cartesian_mask_1d((n, n), 4.0, 24, seed=0))
+    x = torch.complex(torch.randn(SLICES, n, n, generator=g), torch.randn(SLICES, n, n, generator=g))
+    ref, xn = op.sigpy_linop(), x.numpy()
+    with torch.no_grad():
+        t = _paired({
+            "batched": lambda: op.adjoint(op.forward(x)),
+            "single": lambda: [op.adjoint(op.forward(s)) for s in x],
+            "sigpy": lambda: [ref.H(ref(s)) for s in xn],
+            "normal": lambda: op.normal(x),
+        }, repeats)
+    per = {k: v / SLICES for k, v in t.items()}
+    case = f"{n}x{n}, {coils} coils"
+    desc = {"batched": f"one call on {SLICES} slices", "single": "one call per slice",
+            "sigpy": "sigpy.mri.linop.Sense per slice", "normal": f"normal() on {SLICES} slices"}
     rows = []
-    t_torch = _median_s(lambda: op.adjoint(op.forward(x1)), repeats)
-    rows.append({"name": "sense2d torch fwd+adj, 1 slice", "median_s": t_torch,
-                 "notes": f"{COILS} coils {N}x{N}, R=4, torch threads={threads}"})
-    t_batch = _median_s(lambda: op.adjoint(op.forward(xb)), repeats)
-    rows.append({"name": f"sense2d torch fwd+adj, {SLICES}-slice batch", "median_s": t_batch,
-                 "notes": f"{t_batch / SLICES * 1e3:.2f} ms per slice"})
-    ref = op.sigpy_linop()
-    xn = x1.numpy()
-    t_sp = _median_s(lambda: ref.H(ref(xn)), repeats)
-    rows.append({"name": "sense2d sigpy Sense fwd+adj, 1 slice", "median_s": t_sp,
-                 "notes": f"sigpy/torch per slice = {t_sp / t_torch:.2f}x; "
-                          f"sigpy/torch-batched per slice = {t_sp / (t_batch / SLICES):.2f}x"})
-
-    coord = radial_trajectory((N, N), default_spokes((N, N), 4.0))
-    nop = Nufft2D(maps, coord, density_compensation(coord, (N, N), "ramp"))
-    t_nufft = _median_s(lambda: nop.adjoint(nop.forward(x1)), repeats)
-    rows.append({"name": "nufft2d radial fwd+adj, 1 slice", "median_s": t_nufft,
-                 "notes": f"{coord.shape[0]} golden-angle rays x {coord.shape[1]} samples, "
-                          "sigpy NUFFT (CPU)"})
+    for key, label in (("batched", "torch batched"), ("single", "torch single"), ("sigpy", "SigPy"),
+                       ("normal", "torch batched A^H A")):
+        ratio = per[key] / per["sigpy"]
+        rows.append({"name": f"sense2d {case} {label}", "median_s": per[key], "per_slice_ms": per[key] * 1e3,
+                     "ratio_vs_sigpy": ratio,
+                     "notes": f"{per[key] * 1e3:.2f} ms/slice fwd+adj, {desc[key]}; {ratio:.2f}x SigPy"})
     return rows
 
 
-if __name__ == "__main__":
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    result = mri_rows()
-    width = max(len(r["name"]) for r in result)
-    for r in result:
+def nufft_row(repeats: int) -> dict:
+    n = 256
+    coord = radial_trajectory((n, n), default_spokes((n, n), 4.0))
+    op = Nufft2D(birdcage_coils(8, (n, n)), coord, density_compensation(coord, (n, n), "ramp"))
+    x = torch.randn(n, n, dtype=torch.complex64)
+    t = _paired({"nufft": lambda: op.adjoint(op.forward(x))}, repeats)["nufft"]
+    return {"name": "nufft2d radial fwd+adj, 1 slice", "median_s": t,
+            "notes": f"8 coils {n}x{n}, {coord.shape[0]} golden-angle rays x {coord.shape[1]} samples, "
+                     "sigpy NUFFT (CPU)"}
+
+
+def mri_rows(repeats: int = 7, sizes: tuple[int, ...] = SIZES, coils: tuple[int, ...] = COILS,
+             nufft: bool = True) -> list[dict]:
+    """Benchmark rows {name, median_s (per slice for SENSE), notes, ...}."""
+    rows = [r for n in sizes for c in coils for r in sense_rows(n, c, repeats)]
+    return [*rows, nufft_row(repeats)] if nufft else rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--coils", type=int, nargs="+", default=list(COILS))
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "bench_mri.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = mri_rows(args.repeats, tuple(args.sizes), tuple(args.coils))
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
         print(f"{r['name']:<{width}}  {r['median_s'] * 1e3:9.2f} ms  {r['notes']}")
-    meta = {"torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads()}
-    (out / "bench_mri.json").write_text(json.dumps({"meta": meta, "rows": result}, indent=2))
-    print(f"wrote {out / 'bench_mri.json'}")
+    meta = {"torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads(),
+            "repeats": args.repeats, "slices": SLICES}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

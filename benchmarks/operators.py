@@ -4,7 +4,9 @@ CT rows: one forward + adjoint pair on a ``--slices x --size x --size`` volume (
 ``--views`` views (default 60), CPU, ``--threads`` torch threads (default 2; the ASTRA loop gets the same
 number of worker threads). Median of ``--repeats`` runs after a warm-up; the two paths alternate within
 each repeat so that background load hits both alike. Also: the cached matrix's memory and build time.
-MRI rows come from ``benchmarks/bench_mri.py`` (``mri_rows``) when that module exists. ``--gpu`` adds the
+MRI rows come from ``benchmarks/bench_mri.py`` (``mri_rows``) when that module exists: SENSE forward +
+adjoint per slice, batched vs single-slice vs SigPy at 256^2 and 320^2 with 8 coils, paired, with ratios vs
+SigPy from the same run (``--mri-only`` skips the CT rows). ``--gpu`` adds the
 CUDA paths (ASTRA parallel3d / 2D fan / cone beam 256^3, and the CSR on the GPU). ``--sweep-slab`` times
 the sparse products for several slab sizes (how ``_FP_SLAB`` / ``_BP_SLAB`` in ``medrecon.physics.ct``
 were chosen).
@@ -178,7 +180,7 @@ def print_table(rows: list[dict]) -> None:
     width = max(len(r["name"]) for r in rows)
     print(f"{'benchmark':<{width}}  {'median s':>9}  notes")
     for r in rows:
-        t = "" if r.get("median_s") is None else f"{r['median_s']:.3f}"
+        t = "" if r.get("median_s") is None else f"{r['median_s']:.4g}"
         print(f"{r['name']:<{width}}  {t:>9}  {r.get('notes', '')}")
 
 
@@ -193,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="also time the CUDA paths (needs a GPU)")
     p.add_argument("--sweep-slab", action="store_true", help="time the sparse products per slab size")
     p.add_argument("--no-mri", action="store_true", help="skip the MRI rows")
+    p.add_argument("--mri-only", action="store_true", help="only the MRI rows (no CT)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
-    for beam in ("parallel", "fan"):
+    for beam in () if args.mri_only else ("parallel", "fan"):
         rows += ct_cpu_rows(beam, args.slices, args.size, args.views, args.threads, args.repeats)
     if args.sweep_slab:
         rows += slab_sweep(args.slices, args.size, args.views, args.repeats)
