@@ -41,8 +41,8 @@ def test_slurm_profile_dry_run_plans_every_job_with_gpus_on_the_gpu_rules(tmp_pa
     counts: dict[str, int] = {}
     for rule, _ in jobs:
         counts[rule] = counts.get(rule, 0) + 1
-    assert counts == {"ingest": 2, "measure": 1, "train": 1, "reconstruct": 2, "evaluate": 2, "report": 1,
-                      "all": 1}
+    assert counts == {"ingest": 2, "resample": 2, "measure": 1, "train": 1, "reconstruct": 2, "evaluate": 2,
+                      "report": 1, "all": 1}
     for rule, res in jobs:
         if rule in ("train", "reconstruct"):
             assert res["gpu"] == "1" and res["slurm_partition"] == "gpu", (rule, res)
@@ -70,7 +70,7 @@ def test_slurm_profile_submits_the_train_job_to_the_gpu_partition_with_a_gpu(tmp
     """The real plugin builds the sbatch call; a stand-in `sbatch` (and silent sacct/squeue/...) records it."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     study = study_dir(tmp_path / "study", tiny_config(train=True))
-    ingest = run_snakemake(study, "results/tiny/tr1/volume.zarr", "--cores", "1", **NO_GPU)
+    ingest = run_snakemake(study, "results/tiny/tr1/reference.zarr", "--cores", "1", **NO_GPU)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     fake = tmp_path / "bin"
     fake.mkdir()

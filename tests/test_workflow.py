@@ -44,13 +44,13 @@ def test_bad_config_key_stops_the_workflow(tmp_path):
 def test_subject_with_a_missing_input_stops_the_workflow_at_load_time(tmp_path):
     """Checked when the config is loaded, not when (or if) Snakemake decides to run that subject's ingest."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    cfg["subjects"].append({"id": "ct02", "input": "data/demo/ct_chset_s1", "modality": "CT"})
+    cfg["subjects"].append({"id": "ct99", "input": "data/demo/ct_chset_s1", "modality": "CT"})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = _snakemake(["-n", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
                        "--configfile", str(tmp_path / "c.yaml")], REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    named = [line for line in out.splitlines() if "'ct02'" in line and "data/demo/ct_chset_s1" in line]
+    named = [line for line in out.splitlines() if "'ct99'" in line and "data/demo/ct_chset_s1" in line]
     assert len(named) == 1 and "does not exist" in named[0] and "Fix:" in named[0], out
     assert "Traceback" not in out and "Building DAG" not in out, out
 
