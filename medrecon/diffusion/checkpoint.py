@@ -149,6 +149,29 @@ def save_checkpoint(path: str | Path, *, kind: str, modality: str, objective: st
     return content["hash"]
 
 
+def export_checkpoint(src: str | Path, dst: str | Path, weights_dtype: str = "float16") -> str:
+    """Copy a checkpoint with its floating-point weights stored as ``weights_dtype`` (half the bytes for
+    float16: what shipped priors use to fit the repository's size budget); returns the new content hash.
+
+    Loading converts them back to the network's float32 (``load_state_dict`` copies with conversion), so
+    inference runs as before with weights rounded to ~3 significant digits (relative error <= 2^-11). The
+    export is recorded in the provenance with the source's hash. A latent prior names its autoencoder by hash,
+    so export an autoencoder only together with a re-trained latent prior.
+    """
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[weights_dtype]
+    c = _load_hashed(Path(src), FORMAT, "prior checkpoint", fix="point at a checkpoint written by `medrecon train`")
+
+    def cast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+    out = {k: v for k, v in c.items() if k != "hash"}
+    out["weights"], out["ema_weights"] = cast(c["weights"]), cast(c["ema_weights"])
+    out["provenance"] = {**c.get("provenance", {}), "exported": {"from_hash": c["hash"], "weights_dtype": weights_dtype}}
+    out["hash"] = content_hash(out)
+    _atomic_save(out, Path(dst))
+    return out["hash"]
+
+
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 

@@ -322,3 +322,19 @@ def test_ema_only_checkpoint_is_smaller_and_loads_its_ema_weights(tmp_path):
         assert ka == kb and torch.equal(va, vb)
     with pytest.raises(InputError, match="only the EMA weights"):
         load_checkpoint(slim, ema=False)
+
+
+def test_half_precision_export_halves_the_file_and_keeps_the_denoiser(tmp_path):
+    from medrecon.diffusion.checkpoint import export_checkpoint
+
+    vol = _volume(tmp_path / "v.zarr", np.random.default_rng(0).uniform(-1000, 500, (4, 16, 16)), "CT")
+    full = train_prior(cfg(steps=3, save_raw=False), [vol.path], tmp_path / "f.pt")
+    h = export_checkpoint(full, tmp_path / "h.pt")
+    a, b = load_checkpoint(full), load_checkpoint(tmp_path / "h.pt")
+    assert b.hash == h != a.hash and b.provenance["exported"] == {"from_hash": a.hash, "weights_dtype": "float16"}
+    assert (tmp_path / "h.pt").stat().st_size < 0.6 * full.stat().st_size
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        ya, yb = a.network(x, t), b.network(x, t)
+    assert next(b.network.parameters()).dtype == torch.float32
+    assert float((ya - yb).abs().max()) <= 1e-3 * float(ya.abs().max()) + 1e-6
