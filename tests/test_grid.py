@@ -151,3 +151,25 @@ def test_a_slab_of_interest_keeps_its_place_in_the_patient(tmp_path):
     assert sub.meta["grid"]["source_slices"] == [3, 7]
     with pytest.raises(ConfigError, match="slices"):
         resample(vol.path, tmp_path / "bad.zarr", None, slices=(8, 12))
+
+
+def test_grid_of_legacy_and_latent_checkpoints(tmp_path):
+    """Priors from before grids: slices that were already the network's size were not resized, so their grid
+    is size = image_size; otherwise it is unknown. A latent prior inherits its autoencoder's grid."""
+    from medrecon.diffusion.checkpoint import save_checkpoint, training_grid
+
+    def save(name, kind, shapes, size, extra=()):
+        data = [*extra, *({"path": f"v{i}", "shape": s, "sha256": "0"} for i, s in enumerate(shapes))]
+        save_checkpoint(tmp_path / name, kind=kind, modality="CT", objective="epsilon",
+                        network={"builder": "unet", "spec": {"image_size": size}}, schedule=None,
+                        normalisation={"kind": "ct_window", "hu_min": -1000.0, "hu_max": 1000.0},
+                        train_config={"image_size": size}, data=data, step=1, weights={}, ema_weights={})
+        return tmp_path / name
+
+    assert read_grid(save("a.pt", "slice", [[24, 64, 64]], 64))[0] == {"size": [64, 64], "spacing": None,
+                                                                      "slice_spacing": None}
+    assert read_grid(save("b.pt", "slice", [[24, 128, 96]], 64))[0] is None          # resized in pixels
+    assert read_grid(save("c.pt", "patch", [[24, 48, 48]], 32))[0]["size"] == [48, 48]
+    latent = save("d.pt", "latent", [[24, 64, 64]], 16, extra=[{"role": "autoencoder", "path": "ae", "sha256": "0"}])
+    assert read_grid(latent)[2] is False                                             # checked via its autoencoder
+    assert training_grid({"data": [{"shape": [4, 16, 16], "grid": {"size": [16, 16]}}]}) == {"size": [16, 16]}

@@ -166,7 +166,8 @@ def export_checkpoint(src: str | Path, dst: str | Path, weights_dtype: str = "fl
 
     out = {k: v for k, v in c.items() if k != "hash"}
     out["weights"], out["ema_weights"] = cast(c["weights"]), cast(c["ema_weights"])
-    out["provenance"] = {**c.get("provenance", {}), "exported": {"from_hash": c["hash"], "weights_dtype": weights_dtype}}
+    out["provenance"] = {**c.get("provenance", {}),
+                         "exported": {"from_hash": c["hash"], "weights_dtype": weights_dtype}}
     out["hash"] = content_hash(out)
     _atomic_save(out, Path(dst))
     return out["hash"]
@@ -373,5 +374,5 @@ def read_grid(path: str | Path) -> tuple[dict[str, Any] | None, bool, bool]:
                      fix="train the prior first (`medrecon train`) or fix the checkpoint path in the config")
     spec = (c.get("network") or {}).get("spec") or {}
     uses_slices = c.get("kind") == "slab" or (c.get("kind") == "patch" and int(spec.get("coord_channels", 2)) == 3)
-    own = any("shape" in d for d in c.get("data", []))
+    own = c.get("kind") != "latent" and any("shape" in d for d in c.get("data", []))
     return training_grid(c), uses_slices, own
