@@ -1,0 +1,92 @@
+"""DDS settings and training budget on the real-anatomy *validation* subjects (never the report set).
+
+What it measures
+    For each validation CT subject of ``config/real.yaml`` (their measurements must exist: run
+    ``snakemake --configfile config/real.yaml --cores 2`` first), DDS with every (prior, setting) pair:
+    priors = the shipped 800-step slice prior and any other checkpoints given with ``--priors``; settings =
+    2D DDS (one sample), DDS with the z-TV ADMM step (3D data consistency: DDS's 3D CT variant), and the
+    posterior mean of ``--samples`` z-TV samples. 3D TV (the baseline of the issue) runs once per subject.
+    Metrics come from :func:`medrecon.evaluate.evaluate` (PSNR/SSIM axial/coronal/sagittal, slice
+    consistency) exactly as the workflow computes them.
+
+Run: ``python benchmarks/real_sweep.py --priors results/real/priors/real_ct_slice_3k.pt`` -> table on stdout,
+``benchmarks/out/real_sweep.json``. Everything goes through :func:`medrecon.reconstruct.reconstruct`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+KEYS = ("psnr", "psnr_coronal", "psnr_sagittal", "ssim", "slice_consistency_ratio", "data_residual", "runtime_s")
+
+
+def main() -> None:
+    from medrecon.config import validate
+    from medrecon.evaluate import evaluate
+    from medrecon.reconstruct import reconstruct
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(REPO / "config" / "real.yaml"))
+    p.add_argument("--priors", nargs="*", default=[], help="more slice-prior checkpoints to compare")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--rho", type=float, default=100.0, help="z-TV ADMM penalty (issue 14's phantom value)")
+    p.add_argument("--ztv-lambda", type=float, default=0.004, help="z-TV weight (issue 14's phantom value)")
+    p.add_argument("--out", default=str(HERE / "out" / "real_sweep.json"))
+    a = p.parse_args()
+
+    raw = yaml.safe_load(Path(a.config).read_text())
+    cfg0 = validate(raw, a.config)
+    res = Path(cfg0["results"]) / cfg0["study"]
+    subjects = [s["id"] for s in cfg0["subjects"] if s.get("role", "eval") == "eval" and s["modality"] == "CT"]
+    priors = [cfg0["reconstruct"]["priors"]["CT"]["dds"], *a.priors]
+    base = dict(cfg0["reconstruct"]["params"]["dds"])
+    ztv = {**base, "ztv": True, "rho": a.rho, "ztv_lambda": a.ztv_lambda}
+    settings = {"2d": base, "ztv": ztv, f"ztv_mean{a.samples}": {**ztv, "samples": a.samples}}
+    rows: list[dict] = []
+    work = Path(tempfile.mkdtemp(prefix="real_sweep-"))
+    try:
+        for sid in subjects:
+            meas, ref = res / sid / "measurement.zarr", res / sid / "reference.zarr"
+            runs = [("tv", None, "tv", {})] + [("dds", pr, name, st) for pr in priors for name, st in settings.items()]
+            for method, prior, name, params in runs:
+                cfg = validate({**raw, "reconstruct": {**raw["reconstruct"], "params": {method: params}}}, a.config)
+                out = work / f"{sid}-{method}-{name}-{Path(prior).stem if prior else ''}.zarr"
+                t0 = time.perf_counter()
+                reconstruct(meas, out, method, cfg, prior_path=prior)
+                doc = evaluate(ref, out, out.with_suffix(".json"), cfg, sid, method)
+                row = {"subject": sid, "method": method, "setting": name, "prior": prior,
+                       "wall_s": time.perf_counter() - t0, **{k: doc["metrics"].get(k) for k in KEYS}}
+                rows.append(row)
+                print(f"{sid:24s} {method:4s} {name:10s} {Path(prior).stem if prior else '-':18s} "
+                      + " ".join(f"{k}={row[k]:.3f}" for k in KEYS if row[k] is not None), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # Mean over subjects per (method, setting, prior): the table the defaults are chosen from.
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["setting"], r["prior"]), []).append(r)
+    print("\nmean over", len(subjects), "validation subjects")
+    print(f"{'method':5s} {'setting':11s} {'prior':22s} " + " ".join(f"{k:>12s}" for k in KEYS))
+    summary = []
+    for (method, setting, prior), rs in groups.items():
+        mean = {k: sum(r[k] for r in rs) / len(rs) for k in KEYS if all(r[k] is not None for r in rs)}
+        summary.append({"method": method, "setting": setting, "prior": prior, **mean})
+        print(f"{method:5s} {setting:11s} {Path(prior).stem if prior else '-':22s} "
+              + " ".join(f"{mean.get(k, float('nan')):12.3f}" for k in KEYS))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"subjects": subjects, "rows": rows, "summary": summary,
+                                       "settings": settings}, indent=1))
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
