@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from operators import _paired  # benchmarks/operators.py, beside this script: the one timing helper
 
 from medrecon.physics.coils import birdcage_coils
 from medrecon.physics.mri import Nufft2D, Sense2D
@@ -32,19 +30,6 @@ from medrecon.physics.mri_sampling import (
 )
 
 SIZES, COILS, SLICES = (256, 320), (8,), 8
-
-
-def _paired(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, alternating them within each repeat (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def sense_rows(n: int, coils: int, repeats: int) -> list[dict]:
