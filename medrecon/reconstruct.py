@@ -101,28 +101,17 @@ def check_prior_grids(paths: list[str | Path], meas: Measurement, method: str) -
                               f"measurement {meas.path} is on the grid ({describe(meas_grid)}).", fix=fix)
 
 
-def _rescale_per_volume_prior(prior: Any, meas: Measurement, op: Any, plan: list[Slab],
-                              device: torch.device) -> dict[str, Any] | None:
+def _rescale_per_volume_prior(prior: Any, meas: Measurement, stats: VolumeStats) -> dict[str, Any] | None:
     """For an MR prior trained with per-volume normalisation (``scope: volume``: each training volume divided by
     its own percentile, because scanner units differ by orders of magnitude), estimate this volume's divisor
-    from its own data, as training did: the percentile of |A^H y| over the whole measurement (streamed slab by
-    slab, so every slab uses the same value). Measured on the demo: within 4 % of the reference's own
-    percentile (0.844 vs 0.813, 1073 vs 1044), where the stored training median (1032) was 1000x off for a
-    phantom in other units and DDS diverged (6.5 dB)."""
-    from medrecon.diffusion.normalisation import percentile_value
-
+    from its own data, as training did: the percentile of |A^H y| over the whole measurement (one streamed pass,
+    :class:`VolumeStats`, so every slab uses the same value). Measured on the demo: within 4 % of the
+    reference's own percentile (0.844 vs 0.813, 1073 vs 1044), where the stored training median (1032) was
+    1000x off for a phantom in other units and DDS diverged (6.5 dB)."""
     norm = getattr(prior, "meta", {}).get("normalisation") or {}
     if meas.modality != "MR" or norm.get("kind") != "mr_percentile" or norm.get("scope") != "volume":
         return None
-    samples = []
-    with torch.no_grad():
-        for s in plan:
-            sub = op.slab(s.lo, s.hi) if hasattr(op, "slab") and len(plan) > 1 else op
-            y = torch.from_numpy(meas.read_slab(s.lo, s.hi) if len(plan) > 1 else meas.read()).to(device)
-            x = sub.adjoint(y).abs().cpu().numpy()
-            core = x[s.start - s.lo:s.stop - s.lo] if len(plan) > 1 else x
-            samples.append(core.reshape(-1)[:: max(1, core.size // 1_000_000)])
-    value = percentile_value(samples, float(norm["percentile"]))
+    value = stats.adjoint_abs_percentile(float(norm["percentile"]))
     if not value > 0:
         raise InputError(f"measurement {meas.path}: |A^H y| has percentile {value}; cannot set the prior's scale.",
                          path=meas.path, fix="check the measurement (all zeros?)")
@@ -163,24 +152,36 @@ class VolumeStats:
     def __init__(self, meas: Measurement, op: Any, plan: list[Slab], device: torch.device) -> None:
         self._args = (meas, op, plan, device)
         self._stats: dict[str, float] | None = None
+        self._samples: list[np.ndarray] = []
 
     def get(self, key: str, default: Any = None) -> Any:
         if self._stats is None:
-            self._stats = self._compute(*self._args)
+            self._stats, self._samples = self._compute(*self._args)
         return self._stats.get(key, default)
 
+    def adjoint_abs_percentile(self, percentile: float) -> float:
+        """The ``percentile`` of |A^H y| over the whole volume (strided samples of the same pass)."""
+        from medrecon.diffusion.normalisation import percentile_value
+
+        self.get("adjoint_abs_max")
+        return percentile_value(self._samples, percentile)
+
     @staticmethod
-    def _compute(meas: Measurement, op: Any, plan: list[Slab], device: torch.device) -> dict[str, float]:
-        stats = {"adjoint_abs_max": 0.0}
+    def _compute(meas: Measurement, op: Any, plan: list[Slab], device: torch.device
+                 ) -> tuple[dict[str, float], list[np.ndarray]]:
+        stats, samples = {"adjoint_abs_max": 0.0}, []
         with torch.no_grad():
             for s in plan:
-                sub = op.slab(s.start, s.stop) if hasattr(op, "slab") else op
+                sub = op.slab(s.start, s.stop) if hasattr(op, "slab") and len(plan) > 1 else op
                 y = torch.from_numpy(meas.read_slab(s.start, s.stop)).to(device)
-                stats["adjoint_abs_max"] = max(stats["adjoint_abs_max"], float(sub.adjoint(y).abs().max()))
+                mag = sub.adjoint(y).abs()
+                stats["adjoint_abs_max"] = max(stats["adjoint_abs_max"], float(mag.max()))
+                flat = mag.cpu().numpy().reshape(-1)
+                samples.append(flat[:: max(1, flat.size // 1_000_000)])
                 if hasattr(sub, "gridding"):
                     grid = float(sub.gridding(y.to(torch.complex64)).abs().max())
                     stats["gridding_abs_max"] = max(stats.get("gridding_abs_max", 0.0), grid)
-        return stats
+        return stats, samples
 
 
 def _initial_image(method: str, modality: str, op: Any, y: torch.Tensor, per_slice: bool) -> torch.Tensor | None:
@@ -298,7 +299,8 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
                          mu_water=float(meas.meta["operator_units"]["mu_water"]))
         else:
             prior = load(*paths, device=device, expect_modality="MR")
-    prior_scale = _rescale_per_volume_prior(prior, meas, op, plan, device) if prior is not None else None
+    stats = VolumeStats(meas, op, plan, device)       # computed on first use only
+    prior_scale = _rescale_per_volume_prior(prior, meas, stats) if prior is not None else None
     meta = {
         "modality": meas.modality,
         "units": "HU" if meas.modality == "CT" else meas.meta.get("image_units", "arbitrary"),
@@ -321,13 +323,12 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
         folder = out.with_name(out.name + ".slabs") if len(plan) > 1 else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    stats = VolumeStats(meas, op, plan, device) if len(plan) > 1 else None
     for slab in todo:
         target = None if folder is None else folder / slab.name
         if target is not None and _finished_slab(target, digest):
             log.info("%s: slab %d already finished (%s)", method, slab.index, target)
             continue
-        problem = _slab_problem(meas, op, slab, per_slice, device, stats, method)
+        problem = _slab_problem(meas, op, slab, per_slice, device, stats if len(plan) > 1 else None, method)
         core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
         result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),
                                 device, core)

@@ -130,19 +130,20 @@ class Canvas:
         inside[top:top + self.height, left:left + self.width] = True
         return ~inside
 
-    def force(self, x: torch.Tensor) -> torch.Tensor:
-        """The canvas ``x`` with its padded region set to the background (the image part untouched)."""
+    def fill(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        """The canvas ``x`` with its padded region set to ``value`` (the image part untouched)."""
         if self.identity:
             return x
-        return torch.where(self.mask(x.device), torch.full((), float(self.value), dtype=x.dtype, device=x.device), x)
+        return torch.where(self.mask(x.device), torch.full((), float(value), dtype=x.dtype, device=x.device), x)
 
+    def force(self, x: torch.Tensor) -> torch.Tensor:
+        """The canvas ``x`` with its padded region set to the background."""
+        return self.fill(x, self.value)
 
     def zero_padding(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with its padded region set to 0: a likelihood gradient there is an artifact of the network's
         receptive field (padded pixels of x_t are air plus independent noise, they say nothing about y)."""
-        if self.identity:
-            return x
-        return torch.where(self.mask(x.device), torch.zeros((), dtype=x.dtype, device=x.device), x)
+        return self.fill(x, 0.0)
 
 
 class CanvasDenoiser(Denoiser):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -167,22 +168,14 @@ class Sense2D(_CoilOperator):
         x = _complex(x)
         if x.device.type != "cpu":
             return self._fwd(x, None)
-        out = _empty_cpu_complex((*x.shape[:-2], *self.out_shape))
-        xs, outs = x.reshape(-1, *self.in_shape), out.view(-1, *self.out_shape)
-        for i, z in self._chunks(x, 2):
-            self._fwd(xs[i], z, out=outs[i])
-        return out
+        return self._slicewise(self._fwd, x, 2, self.in_shape, self.out_shape)
 
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
         self._check_slices(y, 3, self.n_slices)
         y = _complex(y)
         if y.device.type != "cpu":
             return self._adj(y, None)
-        out = _empty_cpu_complex((*y.shape[:-3], *self.in_shape))
-        ys, outs = y.reshape(-1, *self.out_shape), out.view(-1, *self.in_shape)
-        for i, z in self._chunks(y, 3):
-            self._adj(ys[i], z, out=outs[i])
-        return out
+        return self._slicewise(self._adj, y, 3, self.out_shape, self.in_shape)
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """A^H A x slice by slice without materialising the batch's k-space (CG data consistency calls
@@ -192,10 +185,17 @@ class Sense2D(_CoilOperator):
         self._check(x, self.in_shape, "input")
         self._check_slices(x, 2, self.n_slices)
         x = _complex(x.detach())
-        out = _empty_cpu_complex(tuple(x.shape))
-        xs, outs = x.reshape(-1, *self.in_shape), out.view(-1, *self.in_shape)
-        for i, z in self._chunks(x, 2):
-            self._nrm(xs[i], z, out=outs[i])
+        return self._slicewise(self._nrm, x, 2, self.in_shape, self.in_shape)
+
+    def _slicewise(self, fn: Callable[..., torch.Tensor], x: torch.Tensor, nd: int, in_shape: tuple[int, ...],
+                   out_shape: tuple[int, ...]) -> torch.Tensor:
+        """``fn`` over ``x``'s slices (its last ``nd`` dims are one slice), chunk by chunk, writing into one output
+        allocated up front (CPU: fresh batch-sized torch outputs cost a page fault per 4 KiB, see
+        :func:`_empty_cpu_complex`)."""
+        out = _empty_cpu_complex((*x.shape[:-nd], *out_shape))
+        xs, outs = x.reshape(-1, *in_shape), out.view(-1, *out_shape)
+        for i, z in self._chunks(x, nd):
+            fn(xs[i], z, out=outs[i])
         return out
 
     # Slices per CPU call. One is fastest on one thread (fwd+adj per slice, 8 slices, same run: 256^2 x 8
