@@ -38,25 +38,40 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "config" / "real.yaml"))
     p.add_argument("--priors", nargs="*", default=[], help="more slice-prior checkpoints to compare")
     p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--rho", type=float, default=100.0, help="z-TV ADMM penalty (issue 14's phantom value)")
-    p.add_argument("--ztv-lambda", type=float, default=0.004, help="z-TV weight (issue 14's phantom value)")
+    p.add_argument("--rho", type=float, default=0.004,
+                   help="z-TV ADMM penalty, a fraction of ||A||^2 (issue 14's phantom value 100 on STS_009's operator)")
+    p.add_argument("--ztv-lambda", type=float, default=1e-5,
+                   help="z-TV weight, a fraction of ||A^H y||_inf (issue 14's 0.004 on STS_009)")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=JSON",
+                   help="a named DDS setting replacing the default three, e.g. "
+                        "'ccdf={\"init\": \"tv\", \"start\": 0.5}' (keys update the config's dds params); "
+                        "repeatable")
+    p.add_argument("--subjects", nargs="*", help="validation subject ids (default: every CT eval subject)")
+    p.add_argument("--no-tv", action="store_true", help="skip the 3D TV reference rows")
     p.add_argument("--out", default=str(HERE / "out" / "real_sweep.json"))
     a = p.parse_args()
 
     raw = yaml.safe_load(Path(a.config).read_text())
     cfg0 = validate(raw, a.config)
     res = Path(cfg0["results"]) / cfg0["study"]
-    subjects = [s["id"] for s in cfg0["subjects"] if s.get("role", "eval") == "eval" and s["modality"] == "CT"]
+    subjects = a.subjects or [s["id"] for s in cfg0["subjects"]
+                              if s.get("role", "eval") == "eval" and s["modality"] == "CT"]
     priors = [cfg0["reconstruct"]["priors"]["CT"]["dds"], *a.priors]
     base = dict(cfg0["reconstruct"]["params"]["dds"])
     ztv = {**base, "ztv": True, "rho": a.rho, "ztv_lambda": a.ztv_lambda}
     settings = {"2d": base, "ztv": ztv, f"ztv_mean{a.samples}": {**ztv, "samples": a.samples}}
+    if a.setting:
+        settings = {}
+        for item in a.setting:
+            name, _, js = item.partition("=")
+            settings[name] = {**base, **json.loads(js)}
     rows: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="real_sweep-"))
     try:
         for sid in subjects:
             meas, ref = res / sid / "measurement.zarr", res / sid / "reference.zarr"
-            runs = [("tv", None, "tv", {})] + [("dds", pr, name, st) for pr in priors for name, st in settings.items()]
+            runs = [] if a.no_tv else [("tv", None, "tv", {})]
+            runs += [("dds", pr, name, st) for pr in priors for name, st in settings.items()]
             for method, prior, name, params in runs:
                 cfg = validate({**raw, "reconstruct": {**raw["reconstruct"], "params": {method: params}}}, a.config)
                 out = work / f"{sid}-{method}-{name}-{Path(prior).stem if prior else ''}.zarr"

@@ -184,18 +184,41 @@ class VolumeStats:
         return stats, samples
 
 
-def _initial_image(method: str, modality: str, op: Any, y: torch.Tensor, per_slice: bool) -> torch.Tensor | None:
-    """The starting image the method documents (registry ``init``): FBP for per-slice CT, else none."""
-    if METHOD_INIT.get(method) != "fbp" or modality != "CT" or not per_slice:
-        return None
-    from medrecon.recon.ct_fbp import fbp
+def _initial_image(method: str, params: dict, problem: ReconProblem, per_slice: bool) -> torch.Tensor | None:
+    """The starting image the method documents (registry ``init``).
 
+    ``"fbp"``: FBP for per-slice CT, else none. ``"param"``: the method's ``init`` parameter names a classical
+    method of the modality (e.g. ``tv``, ``fbp``, ``l1_wavelet``) whose reconstruction, with that method's
+    defaults, is the start (a warm start, as CCDF / SDEdit-style samplers use it); None or "none": no start.
+    """
+    mode = METHOD_INIT.get(method)
+    if mode == "fbp":
+        if problem.modality != "CT" or not per_slice:
+            return None
+        from medrecon.recon.ct_fbp import fbp
+
+        with torch.no_grad():
+            return fbp(problem.operator, problem.y)
+    if mode != "param" or params.get("init") in (None, "none"):
+        return None
+    name = str(params["init"])
+    methods = load_methods()
+    if name not in methods or METHOD_INIT.get(name) == "param" or name not in _classical_methods(problem.modality):
+        raise ConfigError(f"{method}: init {name!r} is not a classical {problem.modality} method",
+                          fix=f"use one of {sorted(_classical_methods(problem.modality))} or none")
     with torch.no_grad():
-        return fbp(op, y)
+        return methods[name](problem, {}, None, None).samples[0]
+
+
+def _classical_methods(modality: str) -> set[str]:
+    """Registered methods of ``modality`` that take no prior (the possible warm starts): those of medrecon.recon."""
+    return {m for m, fn in load_methods().items()
+            if modality in METHOD_MODALITIES.get(m, ()) and getattr(fn, "__module__", "").startswith("medrecon.recon.")}
 
 
 def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, device: torch.device,
-                  stats: VolumeStats | None = None, method: str | None = None) -> ReconProblem:
+                  stats: VolumeStats | None = None, method: str | None = None,
+                  params: dict | None = None) -> ReconProblem:
     """The inverse problem of one slab (for a per-slice operator: slices lo..hi-1 and their data), with the
     starting image ``method`` wants (:func:`_initial_image`)."""
     z, y_, x_ = meas.image_shape
@@ -206,12 +229,13 @@ def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, devic
     else:
         y = torch.from_numpy(meas.read()).to(device)
         shape = meas.image_shape
-    init = None if method is None else _initial_image(method, meas.modality, op, y, per_slice)
     problem = ReconProblem(y=y, operator=op, modality=meas.modality, image_shape=shape,
-                           noise_std=meas.meta.get("noise", {}).get("std"), init=init,
+                           noise_std=meas.meta.get("noise", {}).get("std"),
                            meta={**meas.meta, "spacing": list(meas.image_geometry.spacing),
                                  "slab": {"range": [slab.start, slab.stop, slab.lo, slab.hi]},
                                  "volume_stats": stats or {}})
+    if method is not None:
+        problem.init = _initial_image(method, params or {}, problem, per_slice)
     return problem
 
 
@@ -328,7 +352,8 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
         if target is not None and _finished_slab(target, digest):
             log.info("%s: slab %d already finished (%s)", method, slab.index, target)
             continue
-        problem = _slab_problem(meas, op, slab, per_slice, device, stats if len(plan) > 1 else None, method)
+        problem = _slab_problem(meas, op, slab, per_slice, device, stats if len(plan) > 1 else None, method,
+                                params)
         core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
         result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),
                                 device, core)

@@ -11,12 +11,19 @@ Follows ``HJ-harry/DDS@509b140`` (``solver_2d.py``, ``solver_3d.py``, ``utils.py
 3. x_{t'} = sqrt(ab') x0' + sqrt(1-ab') (eta z + sqrt(1-eta^2) eps_hat)  (DDS's eta, default 0.85), or the
    DDIM-paper eta with ``eta_convention: ddim``. The last step returns x0' itself.
 
+Warm start (``init``, ``start``; Chung, Sim, Ye, "Come-Closer-Diffuse-Faster", CVPR 2022): with
+``init: tv`` (any classical method of the modality, run with its defaults by the reconstruct step) and
+``start: s < 1`` the chain starts at the step ``s`` of the way from the end of the grid, from the starting
+image diffused forward to that noise level, and runs only the last ``round(s * steps)`` steps.
+
 Departures, on purpose: the operator is the exact one (ASTRA/SigPy with matched adjoints), so CG is the
-real CG and rho / ztv_lambda / lam must be re-tuned for our scaling (DDS: rho=10, lambda=0.04 for its
-torch Radon); CG inner products are Hermitian (DDS: bilinear); samples are independent CG systems (and
-slices too with ``cg_per_slice``); data consistency composes A with the prior's affine image map; the
-single-coil MRI projection shortcut of DDS is not implemented (use CG, which subsumes it); slices of any
-size are padded to the network's multiple with the background (:mod:`medrecon.diffusion.canvas`).
+real CG; ``lam``, ``rho`` (fractions of ||A||^2) and ``ztv_lambda`` (a fraction of ||A^H y||_inf) are
+dimensionless by default (``weights: relative``, :func:`medrecon.diffusion.dc.absolute_dc_weights`; DDS's
+rho=10, lambda=0.04 are absolute for its own torch Radon, ``weights: absolute`` keeps that convention);
+CG inner products are Hermitian (DDS: bilinear); samples are independent CG systems (and slices too
+with ``cg_per_slice``); data consistency composes A with the prior's affine image map; the single-coil
+MRI projection shortcut of DDS is not implemented (use CG, which subsumes it); slices of any size are padded
+to the network's multiple with the background (:mod:`medrecon.diffusion.canvas`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 
 import torch
 
-from medrecon.diffusion.dc import ZTVState, cg_normal, ztv_admm_step
+from medrecon.diffusion.dc import ZTVState, absolute_dc_weights, cg_normal, ztv_admm_step
 from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddim_step
 from medrecon.errors import ConfigError
@@ -35,12 +42,12 @@ from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 DDS_DEFAULTS: dict[str, Any] = {
     "steps": 50, "eta": 0.85, "eta_convention": "dds", "cg_iter": 5, "lam": 0.0, "cg_per_slice": False,
-    "cg_tol": 1e-6, "ztv": False, "rho": 10.0, "ztv_lambda": 0.04, "samples": 1, "sample_batch": None,
-    "dtype": "float32",
+    "cg_tol": 1e-6, "ztv": False, "rho": 0.004, "ztv_lambda": 1e-5, "weights": "relative", "samples": 1,
+    "sample_batch": None, "dtype": "float32", "init": None, "start": 1.0,
 }
 
 
-@register_method("dds")
+@register_method("dds", init="param")
 def dds(problem: ReconProblem, params: dict, prior: Prior,
         generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, *image_shape) by DDS; see the module docstring for params."""
@@ -54,10 +61,20 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
                           fix="set ztv: false for 2D problems")
     sched = prior.vp_schedule()
     pairs = sched.step_pairs(int(p["steps"]))
+    start = float(p["start"])
+    if not 0.0 < start <= 1.0:
+        raise ConfigError(f"dds: start must lie in (0, 1], got {start}",
+                          fix="start: 1 samples from noise; e.g. start: 0.5 with init: tv runs the last half")
+    if start < 1.0:
+        if problem.init is None:
+            raise ConfigError(f"dds: start {start} < 1 needs a starting image, and init is {p['init']!r}",
+                              fix="set init to a classical method of this modality (e.g. init: tv or fbp)")
+        pairs = pairs[len(pairs) - max(1, round(start * len(pairs))):]
     den = lay.denoiser
     reset_nfe(den)
     with torch.no_grad():
         aty = op.adjoint(lay.y)
+    w = absolute_dc_weights(op, aty, p, problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
     n_sys_dims = 1 + (len(lay.image_shape) - len(op.in_shape) if p["cg_per_slice"] else 0)
     t_start = time.perf_counter()
     outs = []
@@ -66,6 +83,10 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
         cond = prior.batch_cond(n)
         state = ZTVState()
         x = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
+        if start < 1.0:     # CCDF: the starting image diffused forward to the first step's noise level
+            ab0 = sched.alpha_bar(pairs[0][0])
+            x0_init = lay.batch(problem.init.to(op.in_dtype).expand(n, *lay.image_shape))
+            x = ab0.sqrt().to(lay.dtype) * x0_init + (1 - ab0).sqrt().to(lay.dtype) * x
         with torch.no_grad():
             for t, t_next in pairs:
                 ab, ab_next = sched.alpha_bar(t), sched.alpha_bar(t_next)
@@ -74,10 +95,10 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
                 eps = ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).to(lay.dtype)
                 xi = lay.image(x0, n)
                 if p["ztv"]:
-                    xi = ztv_admm_step(op, None, xi, state, float(p["rho"]), float(p["ztv_lambda"]),
+                    xi = ztv_admm_step(op, None, xi, state, w["rho"], w["ztv_lambda"],
                                        int(p["cg_iter"]), axis=-3, n_batch=1, tol=float(p["cg_tol"]), aty=aty)
                 else:
-                    xi = cg_normal(op, None, xi, int(p["cg_iter"]), float(p["lam"]), float(p["cg_tol"]),
+                    xi = cg_normal(op, None, xi, int(p["cg_iter"]), w["lam"], float(p["cg_tol"]),
                                    n_batch=n_sys_dims, aty=aty)
                 x0 = lay.batch(xi)
                 noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype) \

@@ -37,10 +37,12 @@ Deliberate departures from the reference:
   slice to fill the slab.
 * Any in-plane size (the reference: 256 x 256): slabs are padded to the network's multiple with the
   background, as every whole-slice sampler's are (:mod:`medrecon.diffusion.canvas`).
-* The operator has an exact adjoint (ASTRA/SigPy), so CG is the real CG and ``rho``/``ztv_lambda`` must be
-  re-tuned for our scaling (the reference hard-codes rho = 0.001, lambda = 5e-5 for its torch Radon, whose
-  back projector is not the adjoint). CG inner products are Hermitian; each posterior sample is its own
-  CG system; DC composes A with the prior's affine image map (no [0, 1] <-> [-1, 1] rescaling by hand).
+* The operator has an exact adjoint (ASTRA/SigPy), so CG is the real CG; ``rho``/``lam`` (fractions of
+  ||A||^2) and ``ztv_lambda`` (of ||A^H y||_inf) are dimensionless by default, as in :mod:`medrecon.methods.dds`
+  (the reference hard-codes rho = 0.001, lambda = 5e-5 for its torch Radon, whose back projector is not the
+  adjoint; ``weights: absolute`` takes values in the operator's units). CG inner products are Hermitian;
+  each posterior sample is its own CG system; DC composes A with the prior's affine image map (no
+  [0, 1] <-> [-1, 1] rescaling by hand).
 * Labels 0/1 instead of the reference's class ids 1/3 (an encoding choice, see ``slab_data``).
 * ``average_overlaps: true`` is a documented variant, off by default as in the released code: every
   sliding window (stride-1 triplets, or all strided triplets at jump steps) is evaluated and each slice
@@ -56,7 +58,7 @@ from typing import Any
 
 import torch
 
-from medrecon.diffusion.dc import ZTVState, cg_normal, ztv_admm_step
+from medrecon.diffusion.dc import ZTVState, absolute_dc_weights, cg_normal, ztv_admm_step
 from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddim_step
 from medrecon.diffusion.slab_data import (
@@ -72,9 +74,9 @@ from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, 
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 BLEND_DEFAULTS: dict[str, Any] = {
-    "steps": 50, "eta": 0.85, "cg_iter": 5, "lam": 0.0, "cg_tol": 1e-6, "ztv": False, "rho": 10.0,
-    "ztv_lambda": 0.04, "stride": DEFAULT_STRIDE, "batch_size": 16, "average_overlaps": False, "samples": 1,
-    "sample_batch": None, "dtype": "float32",
+    "steps": 50, "eta": 0.85, "cg_iter": 5, "lam": 0.0, "cg_tol": 1e-6, "ztv": False, "rho": 0.004,
+    "ztv_lambda": 1e-5, "weights": "relative", "stride": DEFAULT_STRIDE, "batch_size": 16,
+    "average_overlaps": False, "samples": 1, "sample_batch": None, "dtype": "float32",
 }
 KINDS = ("adjacent", "jump", "alternate")
 
@@ -248,6 +250,7 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
              for k in range(len(pairs))]
     with torch.no_grad():
         aty = op.adjoint(lay.y)
+    w = absolute_dc_weights(op, aty, p, problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
     t_start = time.perf_counter()
     outs, res_prior, res_dc = [], [], []
     slab_evals = 0
@@ -267,10 +270,10 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
                 xi = lay.image(x0, n)
                 step_rp.append(float(lay.residual_norms(xi).mean()))
                 if p["ztv"]:
-                    xi = ztv_admm_step(op, None, xi, state, float(p["rho"]), float(p["ztv_lambda"]),
+                    xi = ztv_admm_step(op, None, xi, state, w["rho"], w["ztv_lambda"],
                                        int(p["cg_iter"]), axis=-3, n_batch=1, tol=float(p["cg_tol"]), aty=aty)
                 else:
-                    xi = cg_normal(op, None, xi, int(p["cg_iter"]), float(p["lam"]), float(p["cg_tol"]),
+                    xi = cg_normal(op, None, xi, int(p["cg_iter"]), w["lam"], float(p["cg_tol"]),
                                    n_batch=1, aty=aty)
                 step_rd.append(float(lay.residual_norms(xi).mean()))
                 x0 = lay.batch(xi)

@@ -65,7 +65,8 @@ def register_method(name: str, modalities: tuple[str, ...] = ("CT", "MR"),
     ``params``: the keys the method reads; any other key in its params is a :class:`ConfigError` before it runs
     (a typo such as ``iters`` for ``n_iter`` must not pass silently). Methods that check their own parameters
     (the diffusion samplers, with defaults) leave it None. ``init``: the starting image the method documents
-    (``"fbp"``), computed by the reconstruct step for every slab.
+    (``"fbp"``), or ``"param"`` when the method's own ``init`` parameter names a classical method whose result
+    is the start; computed by the reconstruct step for every slab.
     """
 
     def deco(fn: Method) -> Method:

@@ -20,7 +20,15 @@ from medrecon.diffusion.analytic import (
     GaussianPrior,
     linear_gaussian_problem,
 )
-from medrecon.diffusion.dc import ZTVState, cg_normal, diff_z, diff_z_adjoint, soft_threshold, ztv_admm_step
+from medrecon.diffusion.dc import (
+    ZTVState,
+    absolute_dc_weights,
+    cg_normal,
+    diff_z,
+    diff_z_adjoint,
+    soft_threshold,
+    ztv_admm_step,
+)
 from medrecon.diffusion.schedules import VPSchedule, sample_vp
 from medrecon.errors import ConfigError, InputError
 from medrecon.physics.operator import dot_test
@@ -274,7 +282,8 @@ def test_dds_ztv_couples_slices():
     prior, _, prob = _slices(False)
     pr = prior.as_prior()
     base = METHODS["dds"](prob, {"samples": 8, "dtype": "float64"}, pr, torch.Generator().manual_seed(43))
-    tv = METHODS["dds"](prob, {"samples": 8, "dtype": "float64", "ztv": True, "rho": 1.0, "ztv_lambda": 1.0},
+    tv = METHODS["dds"](prob, {"samples": 8, "dtype": "float64", "ztv": True, "rho": 1.0, "ztv_lambda": 1.0,
+                                                   "weights": "absolute"},
                         pr, torch.Generator().manual_seed(43))
     assert tv.samples.shape == (8, 4, 8, 8)
     jump = [float(diff_z(s.samples).abs().mean()) for s in (base, tv)]
@@ -294,3 +303,52 @@ def test_method_errors_are_clear():
         METHODS["dps"](ReconProblem(prob.y, prob.operator, "MR", (4, 8, 8)), {"guidance": "gaussian"},
                        prior.as_prior(channels=2), None)
     assert dot_test(DenseOperator(torch.randn(5, 6, dtype=torch.complex128), (2, 3))) < 1e-6
+
+
+@pytest.mark.parametrize("weights", ["relative", "absolute"])
+def test_relative_dc_weights_do_not_depend_on_the_operators_scale(weights):
+    """The same problem written with A' = 10 A, y' = 10 y: relative weights (fractions of ||A||^2 and
+    ||A^H y||_inf) give the same DDS z-TV sample; absolute weights change meaning, so the sample changes."""
+    prior, _, prob = _slices(False)
+    pr = prior.as_prior()
+    big = ReconProblem(y=10 * prob.y, operator=DenseOperator(10 * prob.operator.m, (8, 8)), modality="CT",
+                       image_shape=prob.image_shape, noise_std=prob.noise_std)
+    params = {"samples": 2, "steps": 10, "dtype": "float64", "ztv": True, "rho": 0.5, "ztv_lambda": 0.05,
+              "weights": weights}
+    a, b = (METHODS["dds"](p, params, pr, torch.Generator().manual_seed(7)).samples for p in (prob, big))
+    diff = float((a - b).abs().max())            # the operator is float32: equal up to its rounding
+    assert diff < 1e-4 if weights == "relative" else diff > 1e-2, diff
+
+
+def test_absolute_dc_weights_scale_with_the_operator():
+    _, _, prob = _slices(False)
+    aty = prob.operator.adjoint(prob.y)
+    w = absolute_dc_weights(prob.operator, aty, {"lam": 0.1, "rho": 0.2, "ztv_lambda": 0.3, "ztv": True})
+    norm_sq = float(torch.linalg.matrix_norm(prob.operator.m, ord=2)) ** 2
+    # 30 power iterations: a lower bound, within 10 % even for this random A's clustered singular values
+    assert 0.9 * 0.1 * norm_sq <= w["lam"] <= 0.1 * norm_sq * (1 + 1e-6)
+    assert w["rho"] == pytest.approx(2 * w["lam"])
+    assert w["ztv_lambda"] == pytest.approx(0.3 * float(aty.abs().max()))
+    assert absolute_dc_weights(prob.operator, aty, {"rho": 0.2, "weights": "absolute"})["rho"] == 0.2
+    with pytest.raises(ConfigError, match="weights"):
+        absolute_dc_weights(prob.operator, aty, {"weights": "scaled"})
+
+
+def test_dds_warm_start_runs_the_last_steps_from_the_diffused_start():
+    """CCDF warm start: ``start`` s runs round(s * steps) denoiser steps from the start image; started from the
+    truth at a low noise level the sample stays near it, and s < 1 without a start image is refused."""
+    prior, _, prob = _slices(False)
+    pr = prior.as_prior()
+    with pytest.raises(ConfigError, match="starting image"):
+        METHODS["dds"](prob, {"start": 0.2}, pr, None)
+    with pytest.raises(ConfigError, match="start"):
+        METHODS["dds"](prob, {"start": 0.0}, pr, None)
+    g = torch.Generator().manual_seed(3)
+    x_true = prior.sample(4, torch.Generator().manual_seed(9)).reshape(4, 8, 8)    # any fixed image
+    warm = ReconProblem(y=prob.y, operator=prob.operator, modality="CT", image_shape=prob.image_shape,
+                        init=x_true)
+    res = METHODS["dds"](warm, {"steps": 50, "start": 0.1, "dtype": "float64", "cg_iter": 0}, pr, g)
+    assert res.nfe == 5
+    assert float((res.samples[0] - x_true).norm() / x_true.norm()) < 0.3
+    cold = METHODS["dds"](prob, {"steps": 50, "dtype": "float64", "cg_iter": 0}, pr, torch.Generator().manual_seed(3))
+    assert cold.nfe == 50 and float((cold.samples[0] - x_true).norm()) > float((res.samples[0] - x_true).norm())

@@ -348,7 +348,7 @@ def test_ztv_and_overlap_variants_evaluate_every_window_and_reduce_the_residual(
     problem = ct_problem
     scale, offset = prior_affine(default_normalisation("CT"), "attenuation", MU_WATER)
     prior = tiny_slab_prior(1, scale, offset)
-    res = diffusionblend(problem, {"steps": 3, "ztv": True, "rho": 1e-3, "ztv_lambda": 1e-4,
+    res = diffusionblend(problem, {"steps": 3, "ztv": True, "rho": 1e-3, "ztv_lambda": 1e-4, "weights": "absolute",
                                    "average_overlaps": True, "batch_size": 8}, prior, torch.Generator().manual_seed(1))
     assert res.samples.shape == (1, 7, 16, 16)
     assert res.info["slab_evaluations"] == 3 * 5          # all 5 sliding windows of 7 slices per step
