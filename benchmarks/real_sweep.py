@@ -1,11 +1,13 @@
 """DDS settings and training budget on the real-anatomy *validation* subjects (never the report set).
 
 What it measures
-    For each validation CT subject of ``config/real.yaml`` (their measurements must exist: run
-    ``snakemake --configfile config/real.yaml --cores 2`` first), DDS with every (prior, setting) pair:
-    priors = the shipped 800-step slice prior and any other checkpoints given with ``--priors``; settings =
-    2D DDS (one sample), DDS with the z-TV ADMM step (3D data consistency: DDS's 3D CT variant), and the
-    posterior mean of ``--samples`` z-TV samples. 3D TV (the baseline of the issue) runs once per subject.
+    For each validation subject of ``config/real.yaml`` of one modality (``--modality``; their measurements
+    must exist: run ``snakemake --configfile config/real.yaml --cores 2`` first), DDS with every (prior,
+    setting) pair: priors = the config's DDS prior and any other checkpoints given with ``--priors``;
+    settings = the named ``--setting NAME=JSON`` (updates of the config's DDS params), or by default 2D DDS
+    (one sample), DDS with the z-TV ADMM step (3D data consistency: DDS's 3D CT variant), and the posterior
+    mean of ``--samples`` z-TV samples. The classical reference (3D TV for CT, L1-wavelet for MR) runs once
+    per subject.
     Metrics come from :func:`medrecon.evaluate.evaluate` (PSNR/SSIM axial/coronal/sagittal, slice
     consistency) exactly as the workflow computes them.
 
@@ -47,7 +49,9 @@ def main() -> None:
                         "'ccdf={\"init\": \"tv\", \"start\": 0.5}' (keys update the config's dds params); "
                         "repeatable")
     p.add_argument("--subjects", nargs="*", help="validation subject ids (default: every CT eval subject)")
-    p.add_argument("--no-tv", action="store_true", help="skip the 3D TV reference rows")
+    p.add_argument("--modality", choices=("CT", "MR"), default="CT",
+                   help="which validation subjects; the classical reference is 3D TV (CT) or L1-wavelet (MR)")
+    p.add_argument("--no-tv", action="store_true", help="skip the classical reference rows")
     p.add_argument("--out", default=str(HERE / "out" / "real_sweep.json"))
     a = p.parse_args()
 
@@ -55,8 +59,9 @@ def main() -> None:
     cfg0 = validate(raw, a.config)
     res = Path(cfg0["results"]) / cfg0["study"]
     subjects = a.subjects or [s["id"] for s in cfg0["subjects"]
-                              if s.get("role", "eval") == "eval" and s["modality"] == "CT"]
-    priors = [cfg0["reconstruct"]["priors"]["CT"]["dds"], *a.priors]
+                              if s.get("role", "eval") == "eval" and s["modality"] == a.modality]
+    priors = [cfg0["reconstruct"]["priors"][a.modality]["dds"], *a.priors]
+    reference = "tv" if a.modality == "CT" else "l1_wavelet"
     base = dict(cfg0["reconstruct"]["params"]["dds"])
     ztv = {**base, "ztv": True, "rho": a.rho, "ztv_lambda": a.ztv_lambda}
     settings = {"2d": base, "ztv": ztv, f"ztv_mean{a.samples}": {**ztv, "samples": a.samples}}
@@ -70,7 +75,7 @@ def main() -> None:
     try:
         for sid in subjects:
             meas, ref = res / sid / "measurement.zarr", res / sid / "reference.zarr"
-            runs = [] if a.no_tv else [("tv", None, "tv", {})]
+            runs = [] if a.no_tv else [(reference, None, reference, {})]
             runs += [("dds", pr, name, st) for pr in priors for name, st in settings.items()]
             for method, prior, name, params in runs:
                 cfg = validate({**raw, "reconstruct": {**raw["reconstruct"], "params": {method: params}}}, a.config)
@@ -81,7 +86,7 @@ def main() -> None:
                 row = {"subject": sid, "method": method, "setting": name, "prior": prior,
                        "wall_s": time.perf_counter() - t0, **{k: doc["metrics"].get(k) for k in KEYS}}
                 rows.append(row)
-                print(f"{sid:24s} {method:4s} {name:10s} {Path(prior).stem if prior else '-':18s} "
+                print(f"{sid:24s} {method:10s} {name:10s} {Path(prior).stem if prior else '-':18s} "
                       + " ".join(f"{k}={row[k]:.3f}" for k in KEYS if row[k] is not None), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -95,7 +100,7 @@ def main() -> None:
     for (method, setting, prior), rs in groups.items():
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in KEYS if all(r[k] is not None for r in rs)}
         summary.append({"method": method, "setting": setting, "prior": prior, **mean})
-        print(f"{method:5s} {setting:11s} {Path(prior).stem if prior else '-':22s} "
+        print(f"{method:10s} {setting:11s} {Path(prior).stem if prior else '-':22s} "
               + " ".join(f"{mean.get(k, float('nan')):12.3f}" for k in KEYS))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"subjects": subjects, "rows": rows, "summary": summary,

@@ -80,7 +80,8 @@ def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dic
     result = metrics.evaluate_volumes(ref, rec, window, mask=mask, body_threshold=threshold, slab=slab)
     record = rec.meta.get("record", {})
     scalars = {k: result[k] for k in metrics.SCALAR_KEYS}
-    for key in ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe", "data_residual"):
+    # samples: the output is the posterior mean of that many samples (1: a single sample, or a point estimate)
+    for key in ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe", "data_residual", "samples"):
         if record.get(key) is not None:
             scalars[key] = record[key]
     std_path = Path(recon) / "std"

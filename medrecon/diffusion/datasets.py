@@ -235,13 +235,37 @@ def _flip(img: np.ndarray, flips: Sequence[str], rng: np.random.Generator) -> np
     return np.ascontiguousarray(img)
 
 
+def phase_mode(value: Any) -> str:
+    """The ``random_phase`` setting of an MR training config as one of "none", "constant", "smooth"."""
+    mode = {False: "none", True: "constant", None: "none"}.get(value, value) if isinstance(value, bool | None) \
+        else str(value)
+    if mode not in ("none", "constant", "smooth"):
+        raise ConfigError(f"random_phase must be false, true (constant) or smooth, got {value!r}",
+                          fix="use random_phase: smooth (the measure step's phase model) for complex MR priors")
+    return mode
+
+
+def training_phase(shape: tuple[int, int], rng: np.random.Generator, mode: str) -> np.ndarray | float:
+    """The phase put on a magnitude training image to make it complex (radians).
+
+    "constant": one uniform phase per image. "smooth": a map of the very family the measure step puts on MR
+    volumes (:func:`medrecon.physics.mri.smooth_phase`: degree-2 polynomial, |phi| <= pi/2) with a seed drawn
+    from ``rng``, so the prior has seen the phase it will meet in measurements. "none": 0.
+    """
+    if mode == "smooth":
+        from medrecon.physics.mri import smooth_phase
+
+        return smooth_phase(tuple(shape), int(rng.integers(0, 2**31 - 1)))
+    return rng.uniform(0, 2 * np.pi) if mode == "constant" else 0.0
+
+
 class SliceDataset(TrainingDataset):
     """Single axial slices of training volumes, normalised, fitted to ``image_size`` and flipped at random."""
 
     kind = "slice"
 
     def __init__(self, source: VolumeSlices, normalisation: dict[str, Any], image_size: int | None, channels: int = 1,
-                 fit: str = "pad", flips: Sequence[str] = ("x",), random_phase: bool = False,
+                 fit: str = "pad", flips: Sequence[str] = ("x",), random_phase: bool | str = False,
                  volume_values: Sequence[float] | None = None) -> None:
         self.source = source
         self.norm = validate_normalisation(normalisation, source.modality)
@@ -256,7 +280,7 @@ class SliceDataset(TrainingDataset):
             raise ConfigError(f"flips must be a subset of ['x', 'y'], got {list(flips)}", fix="e.g. ['x']")
         self.image_size = training_image_size(image_size, source)
         self.channels, self.fit, self.flips = channels, fit, tuple(flips)
-        self.random_phase = bool(random_phase)
+        self.random_phase = phase_mode(random_phase)
         self.volume_values = None if volume_values is None else [float(v) for v in volume_values]
         self._pad = background(self.norm)
 
@@ -275,8 +299,8 @@ class SliceDataset(TrainingDataset):
     def sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         img = _flip(self.image(index), self.flips, rng)
         if self.channels == 2:
-            # MR magnitude volumes as complex images: a constant phase (0, or uniform when random_phase).
-            phase = rng.uniform(0, 2 * np.pi) if self.random_phase else 0.0
+            # MR magnitude volumes as complex images (:func:`training_phase`)
+            phase = training_phase(img.shape, rng, self.random_phase)
             img = np.stack([img * np.cos(phase), img * np.sin(phase)])
         else:
             img = img[None]

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medrecon.diffusion.datasets import TrainingDataset, VolumeSlices
+from medrecon.diffusion.datasets import TrainingDataset, VolumeSlices, phase_mode, training_phase
 from medrecon.diffusion.denoiser import Denoiser, sigma_batch
 from medrecon.diffusion.normalisation import background, to_network, validate_normalisation
 from medrecon.errors import ConfigError
@@ -63,7 +63,7 @@ PATCH_DEFAULTS: dict[str, Any] = {
     "depth": None,                   # None: 2D patches (padis); d: d x P x P slabs (padis3d)
     "pad_z": None,                   # 3D only: padding in z (slices); None = depth - 1
     "flips": ["x"],                  # random flips: subset of x, y (and z for 3D)
-    "random_phase": False,           # MR, 2 channels: random constant phase on magnitude images
+    "random_phase": False,           # MR, 2 channels: false, true (constant) or smooth (datasets.training_phase)
 }
 
 
@@ -363,7 +363,7 @@ def resolve_patch_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     total = sum(probs)
     return {"pad_width": int(c["pad_width"]), "patch_sizes": sizes, "patch_probs": [p / total for p in probs],
             "batch_multipliers": mult, "depth": depth, "pad_z": pad_z, "flips": flips,
-            "random_phase": bool(c["random_phase"])}
+            "random_phase": phase_mode(c["random_phase"])}
 
 
 def _crop_padded(img: np.ndarray, start: Sequence[int], size: Sequence[int], value: float) -> np.ndarray:
@@ -498,13 +498,16 @@ class PatchDataset(TrainingDataset):
         psize = (self.depth, size, size) if self.depth else (size, size)
         start = [int(rng.integers(0, r - k + 1)) for r, k in zip(padded, psize, strict=True)]
         flips = [ax for ax in self.cfg["flips"] if rng.random() < 0.5]   # one draw per axis, always
-        phase = rng.uniform(0, 2 * np.pi) if self.cfg["random_phase"] else 0.0
+        # a phase map over the patch's own extent (:func:`training_phase`; "smooth" is then a local piece of
+        # a smooth field at most pi/2 across the patch)
+        phase = torch.as_tensor(training_phase((size, size), rng, phase_mode(self.cfg["random_phase"])),
+                                dtype=torch.float32)
         item = self.patch_at(vi, z, start, size, flips)
         if self.complex_phase:
             m = item["x"]
-            item["x"] = torch.cat([m * math.cos(phase), m * math.sin(phase)]) if not self.depth else \
-                to_slab_channels(torch.cat([from_slab_channels(m, self.depth) * math.cos(phase),
-                                            from_slab_channels(m, self.depth) * math.sin(phase)]))
+            item["x"] = torch.cat([m * torch.cos(phase), m * torch.sin(phase)]) if not self.depth else \
+                to_slab_channels(torch.cat([from_slab_channels(m, self.depth) * torch.cos(phase),
+                                            from_slab_channels(m, self.depth) * torch.sin(phase)]))
         return item
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from medrecon.diffusion.checkpoint import load_checkpoint
-from medrecon.diffusion.datasets import SliceDataset, TrainingDataset, _flip
+from medrecon.diffusion.datasets import SliceDataset, TrainingDataset, _flip, training_phase
 from medrecon.diffusion.denoiser import EDMDenoiser, EpsilonDenoiser, Prior
 from medrecon.diffusion.normalisation import prior_affine
 from medrecon.diffusion.schedules import VPSchedule
@@ -114,8 +114,8 @@ class SlabDataset(TrainingDataset):
         img, label = self.slab(index)
         img = _flip(img, self.slices.flips, rng)          # one draw per axis for the whole slab
         if self.slice_channels == 2:
-            # magnitude volumes as complex images: one constant phase for the slab, as SliceDataset does
-            phase = rng.uniform(0, 2 * np.pi) if self.slices.random_phase else 0.0
+            # magnitude volumes as complex images: one phase (map) for the slab, as SliceDataset draws it
+            phase = training_phase(img.shape[-2:], rng, self.slices.random_phase)
             img = np.stack([img * np.cos(phase), img * np.sin(phase)], axis=1)
         else:
             img = img[:, None]

@@ -76,7 +76,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "amp": True,                # bf16 autocast, CUDA only
     "fit": "pad",               # pad | crop: how non-square slices become image_size x image_size
     "flips": ["x"],             # random flips: subset of [x, y]
-    "random_phase": False,      # MR with 2 channels: random constant phase on magnitude images
+    "random_phase": False,      # MR, 2 channels: false, true (constant) or smooth (datasets.training_phase)
     "cache_mb": 1024,           # memory for training slices (preload if all fit, else LRU of slabs)
     "num_workers": 0,           # DataLoader workers (0 on CPU)
     "save_raw": True,           # False: the checkpoint holds only the EMA weights (half the size; shipped priors)

@@ -256,6 +256,26 @@ def test_mr_percentile_normalisation_dataset_and_volume_scope(tmp_path):
     assert item.shape == (2, 12, 12)
     assert np.allclose(np.hypot(item[0], item[1]), a[0] / n["value"], atol=1e-6)   # phase changes, not |x|
     assert prior_affine(n) == (pytest.approx(1 / n["value"]), 0.0)
+    # "smooth": the measure step's phase family (a degree-2 polynomial map, |phi| <= pi/2), not one constant
+    ds3 = SliceDataset(src, n, image_size=12, channels=2, flips=(), random_phase="smooth")
+    item = ds3[(0, 7)]["x"].numpy()
+    assert np.allclose(np.hypot(item[0], item[1]), a[0] / n["value"], atol=1e-6)
+    phi = np.arctan2(item[1], item[0])
+    assert np.abs(phi).max() <= np.pi / 2 + 1e-5 and np.ptp(phi) > 0.05
+    other = ds3[(0, 8)]["x"].numpy()                    # another draw (seed) gives another map
+    assert not np.allclose(np.arctan2(other[1], other[0]), phi)
+    with pytest.raises(ConfigError, match="random_phase"):
+        SliceDataset(src, n, image_size=12, channels=2, random_phase="wobbly")
+
+
+def test_training_phase_smooth_is_the_measure_steps_family():
+    from medrecon.diffusion.datasets import phase_mode, training_phase
+    from medrecon.physics.mri import smooth_phase
+
+    assert [phase_mode(v) for v in (False, True, "smooth", None)] == ["none", "constant", "smooth", "none"]
+    seed = int(np.random.default_rng(3).integers(0, 2**31 - 1))
+    assert np.array_equal(training_phase((9, 11), np.random.default_rng(3), "smooth"), smooth_phase((9, 11), seed))
+    assert training_phase((9, 11), np.random.default_rng(3), "none") == 0.0
 
 
 def test_slice_dataset_pads_resizes_and_flips_deterministically(tmp_path):
