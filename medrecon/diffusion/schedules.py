@@ -114,10 +114,18 @@ class VPSchedule:
         skip = self.num_train_steps // n_steps
         return torch.arange(n_steps - 1, -1, -1, dtype=torch.long) * skip
 
-    def step_pairs(self, n_steps: int) -> list[tuple[int, int]]:
-        """(t, t_next) pairs of the reverse chain on :meth:`ddim_timesteps`; the last t_next is -1."""
+    def step_pairs(self, n_steps: int, start: float = 1.0) -> list[tuple[int, int]]:
+        """(t, t_next) pairs of the reverse chain on :meth:`ddim_timesteps`; the last t_next is -1.
+
+        ``start`` < 1 keeps only the last ``round(start * n_steps)`` pairs (at least one): the chain of a warm
+        start (CCDF, Chung, Sim, Ye, CVPR 2022) that begins from a starting image diffused to the first t
+        (:func:`diffuse`)."""
         ts = self.ddim_timesteps(n_steps).tolist()
-        return list(zip(ts, [*ts[1:], -1], strict=True))
+        pairs = list(zip(ts, [*ts[1:], -1], strict=True))
+        if not 0.0 < float(start) <= 1.0:
+            raise ConfigError(f"start must lie in (0, 1], got {start}",
+                              fix="start: 1 samples from noise; e.g. start: 0.2 with an init runs the last fifth")
+        return pairs[len(pairs) - max(1, round(float(start) * len(pairs))):]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description (stored in checkpoints and recon attributes)."""
@@ -192,6 +200,12 @@ def schedule_from_dict(d: dict[str, Any]) -> VPSchedule | EDMSchedule:
 
 def _ab(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(v, dtype=_F64).to(like.device)
+
+
+def diffuse(x0: torch.Tensor, ab: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process q(x_t | x0): sqrt(ab) x0 + sqrt(1 - ab) noise, in x0's dtype."""
+    a = _ab(ab, x0)
+    return (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(x0.dtype)
 
 
 def ddpm_step(x_t: torch.Tensor, x0: torch.Tensor, ab_t: torch.Tensor | float, ab_next: torch.Tensor | float,

@@ -35,7 +35,7 @@ import torch
 
 from medrecon.diffusion.dc import ZTVState, absolute_dc_weights, cg_normal, ztv_admm_step
 from medrecon.diffusion.denoiser import Prior
-from medrecon.diffusion.schedules import ddim_step
+from medrecon.diffusion.schedules import ddim_step, diffuse
 from medrecon.errors import ConfigError
 from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
@@ -45,6 +45,17 @@ DDS_DEFAULTS: dict[str, Any] = {
     "cg_tol": 1e-6, "ztv": False, "rho": 0.004, "ztv_lambda": 1e-5, "weights": "relative", "samples": 1,
     "sample_batch": None, "dtype": "float32", "init": None, "start": 1.0,
 }
+
+
+def warm_start_image(name: str, problem: ReconProblem, p: dict) -> torch.Tensor | None:
+    """The problem's starting image when the sampler's ``start`` < 1 (a warm start), else None; a warm start
+    without one (``init`` unset) is refused rather than silently run from noise."""
+    if float(p["start"]) >= 1.0:
+        return None
+    if problem.init is None:
+        raise ConfigError(f"{name}: start {p['start']} < 1 needs a starting image, and init is {p['init']!r}",
+                          fix="set init to a classical method of this modality (e.g. init: tv or fbp)")
+    return problem.init.to(problem.operator.in_dtype)
 
 
 @register_method("dds", init="param")
@@ -60,16 +71,8 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
         raise ConfigError("dds: ztv needs a volume (Z, Y, X); this problem has one slice",
                           fix="set ztv: false for 2D problems")
     sched = prior.vp_schedule()
-    pairs = sched.step_pairs(int(p["steps"]))
-    start = float(p["start"])
-    if not 0.0 < start <= 1.0:
-        raise ConfigError(f"dds: start must lie in (0, 1], got {start}",
-                          fix="start: 1 samples from noise; e.g. start: 0.5 with init: tv runs the last half")
-    if start < 1.0:
-        if problem.init is None:
-            raise ConfigError(f"dds: start {start} < 1 needs a starting image, and init is {p['init']!r}",
-                              fix="set init to a classical method of this modality (e.g. init: tv or fbp)")
-        pairs = pairs[len(pairs) - max(1, round(start * len(pairs))):]
+    pairs = sched.step_pairs(int(p["steps"]), float(p["start"]))
+    start_image = warm_start_image("dds", problem, p)
     den = lay.denoiser
     reset_nfe(den)
     with torch.no_grad():
@@ -83,10 +86,8 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
         cond = prior.batch_cond(n)
         state = ZTVState()
         x = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
-        if start < 1.0:     # CCDF: the starting image diffused forward to the first step's noise level
-            ab0 = sched.alpha_bar(pairs[0][0])
-            x0_init = lay.batch(problem.init.to(op.in_dtype).expand(n, *lay.image_shape))
-            x = ab0.sqrt().to(lay.dtype) * x0_init + (1 - ab0).sqrt().to(lay.dtype) * x
+        if start_image is not None:     # CCDF: the starting image diffused forward to the first step's level
+            x = diffuse(lay.batch(start_image.expand(n, *lay.image_shape)), sched.alpha_bar(pairs[0][0]), x)
         with torch.no_grad():
             for t, t_next in pairs:
                 ab, ab_next = sched.alpha_bar(t), sched.alpha_bar(t_next)

@@ -29,6 +29,8 @@ Deliberate departures from the reference:
 
 * Random initialisation and the data-consistency result are used, as in the LIDC script; the AAPM script
   (``eval_3DCT_blendcond.py``) discards DC and starts from the noised ground truth (``algorithms.md`` 4.8).
+  ``init``/``start`` give DDS's warm start (a classical reconstruction diffused to the step ``start`` of the
+  way from the end, :mod:`medrecon.methods.dds`), the measurement-only version of that AAPM start.
 * Any number of slices: the reference needs a multiple of 9. Slices a partition leaves over at the ends
   are covered by an overlapping edge group (adjacent: ``[0, 3)`` and ``[Z-3, Z)``; jump: the block
   ``[Z-3s, Z)``) whose estimates are used only for the slices nothing else covers, so every slice still
@@ -60,7 +62,7 @@ import torch
 
 from medrecon.diffusion.dc import ZTVState, absolute_dc_weights, cg_normal, ztv_admm_step
 from medrecon.diffusion.denoiser import Prior
-from medrecon.diffusion.schedules import ddim_step
+from medrecon.diffusion.schedules import ddim_step, diffuse
 from medrecon.diffusion.slab_data import (
     DEFAULT_STRIDE,
     LABEL_ADJACENT,
@@ -70,13 +72,14 @@ from medrecon.diffusion.slab_data import (
     to_slab_channels,
 )
 from medrecon.errors import ConfigError, InputError
+from medrecon.methods.dds import warm_start_image
 from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 BLEND_DEFAULTS: dict[str, Any] = {
     "steps": 50, "eta": 0.85, "cg_iter": 5, "lam": 0.0, "cg_tol": 1e-6, "ztv": False, "rho": 0.004,
     "ztv_lambda": 1e-5, "weights": "relative", "stride": DEFAULT_STRIDE, "batch_size": 16,
-    "average_overlaps": False, "samples": 1, "sample_batch": None, "dtype": "float32",
+    "average_overlaps": False, "samples": 1, "sample_batch": None, "dtype": "float32", "init": None, "start": 1.0,
 }
 KINDS = ("adjacent", "jump", "alternate")
 
@@ -239,7 +242,8 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
     lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]])
     op, depth, dev = lay.op, lay.image_shape[0], lay.y.device
     sched = prior.vp_schedule()
-    pairs = sched.step_pairs(int(p["steps"]))
+    pairs = sched.step_pairs(int(p["steps"]), float(p["start"]))
+    start_image = warm_start_image(method, problem, p)
     den = lay.denoiser
     reset_nfe(den)
     # Partition offsets come from their own stream, seeded once from the sampler's generator, so the
@@ -258,6 +262,8 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
         shape = lay.batch_shape(n)
         state = ZTVState()
         x = torch.randn(shape, generator=generator, dtype=torch.float64, device=gen_dev).to(device=dev, dtype=lay.dtype)
+        if start_image is not None:     # warm start, as in DDS
+            x = diffuse(lay.batch(start_image.expand(n, *lay.image_shape)), sched.alpha_bar(pairs[0][0]), x)
         step_rp, step_rd = [], []
         with torch.no_grad():
             for (t, t_next), part in zip(pairs, parts, strict=True):
@@ -295,14 +301,14 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
     return ReconResult(samples=samples, nfe=int(getattr(den, "nfe", len(pairs))), info=info)
 
 
-@register_method("diffusionblend")
+@register_method("diffusionblend", init="param")
 def diffusionblend(problem: ReconProblem, params: dict, prior: Prior,
                    generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, Z, Y, X) by DiffusionBlend (adjacent partitions, random offsets)."""
     return blend_sample(problem, params, prior, generator, "diffusionblend")
 
 
-@register_method("diffusionblend++")
+@register_method("diffusionblend++", init="param")
 def diffusionblend_pp(problem: ReconProblem, params: dict, prior: Prior,
                       generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, Z, Y, X) by DiffusionBlend++ (alternating jump and adjacent partitions)."""

@@ -9,10 +9,10 @@ from medrecon.errors import ConfigError
 from medrecon.recon.ct_fbp import fbp
 from medrecon.recon.registry import METHODS
 from medrecon.reconstruct import _initial_image, load_methods
-from tests.methods.test_anysize import ct_problem, slice_prior
+from tests.methods.test_anysize import ct_problem, slab_prior, slice_prior
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def problem():
     load_methods()
     return ct_problem(20, 23, depth=3)
@@ -41,3 +41,14 @@ def test_dds_from_the_tv_start_runs_only_the_last_steps(problem):
     res = METHODS["dds"](problem, {"steps": 20, "init": "tv", "start": 0.25}, slice_prior(),
                          torch.Generator().manual_seed(0))
     assert res.nfe == 5 and res.samples.shape == (1, 3, 20, 23) and bool(torch.isfinite(res.samples).all())
+
+
+@pytest.mark.parametrize("method", ["diffusionblend", "diffusionblend++"])
+def test_diffusionblend_takes_the_same_warm_start(problem, method):
+    problem.init = _initial_image(method, {"init": "fbp"}, problem, per_slice=True)
+    res = METHODS[method](problem, {"steps": 10, "init": "fbp", "start": 0.3}, slab_prior(),
+                          torch.Generator().manual_seed(0))
+    assert res.nfe == 3 and bool(torch.isfinite(res.samples).all())
+    problem.init = None
+    with pytest.raises(ConfigError, match="starting image"):
+        METHODS[method](problem, {"steps": 10, "start": 0.3}, slab_prior(), None)
