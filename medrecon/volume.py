@@ -1,10 +1,20 @@
 """Volume: a 3D image in a zarr v3 store with its geometry and provenance.
 
-Layout of a volume store (a zarr v3 group, OME-Zarr 0.5)::
+Layout of a volume store (a zarr v3 group, an OME-Zarr 0.5 image)::
 
     volume.zarr/
-      zarr.json          attributes: {"ome": {...multiscales...}, "medrecon": {...}}
-      0/                 float32 array (z, y, x), chunks of whole slabs (cz, y, x), zstd
+      zarr.json          attributes: {"ome": {multiscales, omero}, "medrecon": {...}}
+      0/                 float32 array (z, y, x), chunks of whole slabs (cz, y, x), zstd: the full resolution
+      1/, 2/, ...        pyramid levels, only when y or x exceeds 128: each halves y and x (2 x 2 mean), z kept,
+                         until both are <= 128; medrecon itself only ever reads level ``0``
+      std/               (reconstructions with several posterior samples) the posterior std, itself an
+                         OME-Zarr image and a medrecon volume, listed in the parent's ``medrecon.images``
+
+The ``ome`` block names the image after its subject and what it is (``ct01 reference``, ``ct01 dds``,
+``ct01 dds posterior std``; see :func:`image_name`) and carries an ``omero`` channel window, so a viewer
+(napari with napari-ome-zarr, OMERO, ...) opens it with a sensible contrast: CT volumes in Hounsfield units
+get the report's CT window (``evaluate.ct_window``'s default), everything else (MR magnitudes, posterior
+std) the 0.5..99.5 percentiles of a regular subsample of at most 65536 of its voxels (0..99.5 for a std).
 
 Geometry convention (the one medrecon uses everywhere):
 
@@ -42,6 +52,7 @@ from medrecon.provenance import config_hash, to_jsonable
 FORMAT = "medrecon-volume/1"
 ARRAY = "0"
 _CHUNK_BYTES = 8 << 20  # target bytes per slab chunk: big enough for zstd, small enough to stream
+_SAMPLE_MAX = 1 << 16   # voxels kept (at most) for the viewer's display window percentiles
 
 
 @dataclass(frozen=True)
@@ -93,22 +104,120 @@ class Geometry:
                 and np.allclose(self.direction, other.direction, atol=1e-4))
 
 
-def ome_attributes(geometry: Geometry, name: str = "") -> dict[str, Any]:
-    """OME-Zarr 0.5 ``ome`` attribute block for a single-resolution (z, y, x) volume in millimetres."""
-    translation = (geometry.direction_matrix.T @ np.asarray(geometry.origin)).tolist()
-    return {
+def ome_attributes(geometry: Geometry, name: str = "", levels: int = 1,
+                   omero: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OME-Zarr 0.5 ``ome`` attribute block for a (z, y, x) volume in millimetres.
+
+    Level ``k`` (array path ``str(k)``) halves y and x ``k`` times: its voxel is ``2**k`` level-0 voxels wide
+    in-plane, and its centre lies ``(2**k - 1) / 2`` level-0 voxels in from the level-0 origin.
+    """
+    translation = geometry.direction_matrix.T @ np.asarray(geometry.origin)
+    spacing = np.asarray(geometry.spacing)
+    datasets = []
+    for k in range(levels):
+        f = np.array([1.0, 2.0**k, 2.0**k])
+        datasets.append({
+            "path": str(k),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": (spacing * f).tolist()},
+                {"type": "translation", "translation": (translation + (f - 1) / 2 * spacing).tolist()},
+            ],
+        })
+    block: dict[str, Any] = {
         "version": "0.5",
         "multiscales": [{
             "name": name,
             "axes": [{"name": ax, "type": "space", "unit": "millimeter"} for ax in "zyx"],
-            "datasets": [{
-                "path": ARRAY,
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": list(geometry.spacing)},
-                    {"type": "translation", "translation": translation},
-                ],
-            }],
+            "datasets": datasets,
         }],
+    }
+    if omero is not None:
+        block["omero"] = omero
+    return block
+
+
+PYRAMID_MAX = 128   # in-plane size at or below which no further pyramid level is written
+
+
+def pyramid_shapes(shape: tuple[int, int, int], max_size: int = PYRAMID_MAX) -> list[tuple[int, int, int]]:
+    """Shapes of the pyramid levels after level 0: y and x halved (floor) until both are <= ``max_size``."""
+    out = []
+    z, y, x = shape
+    while max(y, x) > max_size and min(y, x) >= 2:
+        y, x = y // 2, x // 2
+        out.append((z, y, x))
+    return out
+
+
+def _halve(slab: np.ndarray) -> np.ndarray:
+    """2 x 2 in-plane mean (a trailing odd row/column is dropped)."""
+    _, y, x = slab.shape
+    s = slab[:, : y // 2 * 2, : x // 2 * 2].astype(np.float32)
+    return 0.25 * (s[:, 0::2, 0::2] + s[:, 1::2, 0::2] + s[:, 0::2, 1::2] + s[:, 1::2, 1::2])
+
+
+def image_name(path: str | Path, meta: dict[str, Any]) -> str:
+    """The OME-Zarr image name: subject and what the image is, from the workflow's layout and the metadata.
+
+    ``<subject>/volume.zarr`` -> ``"<subject> ingested"``, ``<subject>/reference.zarr`` ->
+    ``"<subject> reference"``, ``<subject>/recon/<method>.zarr`` -> ``"<subject> <method>"``, a posterior std
+    -> ``"<subject> <method> posterior std"``; ``meta["name"]`` wins when given.
+    """
+    if meta.get("name"):
+        return str(meta["name"])
+    p = Path(path)
+    kind = meta.get("kind")
+    if kind == "posterior_std":
+        p = p.parent                                 # <recon>.zarr/std: name it after the reconstruction
+    stem = p.name.removesuffix(".zarr")
+    method = meta.get("method")
+    if method:
+        subject = p.parent.parent.name if p.parent.name == "recon" else p.parent.name
+        name = f"{subject} {method}".strip()
+    elif stem == "volume":
+        name = f"{p.parent.name} ingested".strip()
+    else:
+        name = f"{p.parent.name} {stem}".strip()
+    return name + (" posterior std" if kind == "posterior_std" else "")
+
+
+def _ct_display_window() -> tuple[float, float]:
+    """The report's CT window (HU): the schema default of ``evaluate.ct_window``."""
+    from medrecon.config import schema
+
+    lo, hi = schema()["properties"]["evaluate"]["properties"]["ct_window"]["default"]
+    return float(lo), float(hi)
+
+
+def display_window(meta: dict[str, Any], sample: np.ndarray, value_range: tuple[float, float]
+                   ) -> tuple[float, float]:
+    """Viewer window: the CT window for HU images, else percentiles of ``sample`` (0..99.5 for a std)."""
+    if meta.get("units") == "HU" and meta.get("kind") != "posterior_std":
+        return _ct_display_window()
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        return value_range
+    lo = 0.0 if meta.get("kind") == "posterior_std" else float(np.percentile(finite, 0.5))
+    hi = float(np.percentile(finite, 99.5))
+    if not hi > lo:
+        lo, hi = value_range
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def omero_attributes(name: str, window: tuple[float, float], value_range: tuple[float, float],
+                     depth: int) -> dict[str, Any]:
+    """The ``omero`` block: one grey channel with its display window (start..end) inside the data range."""
+    vmin, vmax = (float(v) for v in value_range)
+    if not (np.isfinite(vmin) and np.isfinite(vmax)):
+        vmin, vmax = window
+    start, end = (float(v) for v in window)
+    return {
+        "channels": [{
+            "label": name, "color": "FFFFFF", "active": True, "coefficient": 1.0, "family": "linear",
+            "inverted": False,
+            "window": {"min": min(vmin, start), "max": max(vmax, end), "start": start, "end": end},
+        }],
+        "rdefs": {"model": "greyscale", "defaultZ": depth // 2, "defaultT": 0},
     }
 
 
@@ -201,12 +310,24 @@ class VolumeWriter:
     meta: dict[str, Any]
     chunk_depth: int
     allow_nonfinite: bool = False
+    name: str | None = None             # the OME-Zarr image name (default: :func:`image_name` of the path)
     _group: zarr.Group | None = None
     _array: zarr.Array | None = None
     _tmp: Path | None = None
     _written: np.ndarray | None = None
     _vmin: float = field(default=np.inf)
     _vmax: float = field(default=-np.inf)
+    _sample: list[np.ndarray] = field(default_factory=list)
+    _sample_step: int = 1
+    _children: list[dict[str, Any]] = field(default_factory=list)
+
+    def _keep_sample(self, data: np.ndarray) -> None:
+        """Keep every ``step``-th voxel for the display window; past ``_SAMPLE_MAX`` values the kept sample is
+        thinned by 2 and the step doubled, so its memory stays bounded whatever the volume's size."""
+        self._sample.append(data.ravel()[:: self._sample_step].copy())
+        if sum(a.size for a in self._sample) > _SAMPLE_MAX:
+            self._sample = [np.concatenate(self._sample)[::2]]
+            self._sample_step *= 2
 
     def open(self) -> VolumeWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +359,7 @@ class VolumeWriter:
             self._vmax = max(self._vmax, float(data[finite].max()))
         self._array[z0:z0 + data.shape[0]] = data
         self._written[z0:z0 + data.shape[0]] = True
+        self._keep_sample(data)
 
     def write(self, data: np.ndarray) -> None:
         """Write a whole in-memory volume chunk by chunk."""
@@ -251,20 +373,43 @@ class VolumeWriter:
         """
         if self._tmp is None:
             raise RuntimeError("VolumeWriter used outside its context")
-        return VolumeWriter(self._tmp / name, self.shape, self.geometry, dict(meta or {}), self.chunk_depth,
-                            self.allow_nonfinite).open()
+        meta = dict(meta or {})
+        label = image_name(self.path / name, meta)      # named after the final path, not the temporary one
+        self._children.append({"path": name, "kind": meta.get("kind"), "name": label})
+        return VolumeWriter(self._tmp / name, self.shape, self.geometry, meta, self.chunk_depth,
+                            self.allow_nonfinite, name=label).open()
+
+    def _write_pyramid(self) -> int:
+        """Levels 1.. of the multiscale pyramid from level 0, one chunk of slices at a time; the level count."""
+        shapes = pyramid_shapes(self.shape)
+        arrays = [create_slab_array(self._group, str(k + 1), shp, "float32", self.chunk_depth,
+                                    dimension_names=("z", "y", "x")) for k, shp in enumerate(shapes)]
+        for z0, z1, _lo, _hi in slab_ranges(self.shape[0], self.chunk_depth):
+            level = np.asarray(self._array[z0:z1], dtype=np.float32)
+            for arr in arrays:
+                level = _halve(level)
+                arr[z0:z1] = level
+        return 1 + len(shapes)
 
     def commit(self) -> Volume:
         if not self._written.all():
             missing = np.flatnonzero(~self._written)
             raise RuntimeError(f"volume {self.path}: slices {missing[:10].tolist()}... were never written")
+        levels = self._write_pyramid()
         block = dict(self.meta)
         block.update({"format": FORMAT, "geometry": self.geometry.to_dict(),
                       "value_range": [self._vmin, self._vmax]})
-        self._group.attrs.update({"ome": ome_attributes(self.geometry, self.path.stem),
+        if self._children:
+            block["images"] = list(self._children)
+        name = self.name or image_name(self.path, self.meta)
+        sample = np.concatenate(self._sample) if self._sample else np.zeros(0, np.float32)
+        window = display_window(self.meta, sample, (self._vmin, self._vmax))
+        omero = omero_attributes(name, window, (self._vmin, self._vmax), self.shape[0])
+        self._group.attrs.update({"ome": ome_attributes(self.geometry, name, levels, omero),
                                   "medrecon": to_jsonable(block)})
         # The completion flag goes last: a store without it is unfinished by definition.
         self._group.attrs["medrecon"] = {**self._group.attrs["medrecon"], "complete": True}
+        self._sample = []
         replace_dir(self._tmp, self.path)
         return Volume.open(self.path)
 
