@@ -3,7 +3,8 @@
 Image metrics come from :mod:`medrecon.metrics` in the configured window (CT: ``evaluate.ct_window`` HU;
 MR: the reference's robust percentile range), inside the body mask when configured. Runtime, peak memory,
 NFE and the data-consistency residual are read from the reconstruction's own record (they are measured in
-the reconstruct job, where the complex MR image and the device are available). With several posterior
+the reconstruct job, where the complex MR image and the device are available; NFE only for methods with a
+learned prior, solver iterations separately, :func:`cost_metrics`). With several posterior
 samples, the coverage of the posterior std is reported next to the accuracy.
 """
 
@@ -65,6 +66,37 @@ def check_same_volume(reference: Volume, rec: Volume) -> None:
                          fix=fix)
 
 
+def iterations(info: dict[str, Any] | None) -> int | None:
+    """Solver iterations recorded by an iterative method (``n_iter``); for a slab-wise run the largest over
+    the slabs (each slab runs the same solver); None when the method records none."""
+    info = info or {}
+    if isinstance(info.get("n_iter"), int | float):
+        return int(info["n_iter"])
+    per_slab = [s.get("n_iter") for s in info.get("slabs") or [] if isinstance(s, dict)]
+    per_slab = [int(v) for v in per_slab if isinstance(v, int | float)]
+    return max(per_slab) if per_slab else None
+
+
+def cost_metrics(meta: dict[str, Any]) -> dict[str, Any]:
+    """Runtime, memory, data residual, posterior samples, NFE and iterations of a reconstruction, from its
+    own record.
+
+    NFE (number of function evaluations) counts evaluations of the learned prior network, so it is kept
+    only for methods that ran with a prior; the record's ``nfe`` of a classical method counts operator
+    applications and is left out. Iterations come from the method's ``info`` (``n_iter``) where it has one.
+    """
+    record = meta.get("record", {})
+    # samples: the output is the posterior mean of that many samples (1: a single sample, or a point estimate)
+    out = {k: record[k] for k in ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "data_residual", "samples")
+           if record.get(k) is not None}
+    if meta.get("prior") and record.get("nfe") is not None:
+        out["nfe"] = record["nfe"]
+    n_iter = iterations(meta.get("info"))
+    if n_iter is not None:
+        out["iterations"] = n_iter
+    return out
+
+
 def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dict[str, Any],
              subject: str, method: str, slab: int | None = None) -> dict[str, Any]:
     """Compute the metrics of ``recon`` against ``reference`` and write them to the JSON ``out``.
@@ -78,18 +110,14 @@ def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dic
     mask = cfg["evaluate"]["mask"]
     threshold = metrics.default_body_threshold(ref.modality, window)
     result = metrics.evaluate_volumes(ref, rec, window, mask=mask, body_threshold=threshold, slab=slab)
-    record = rec.meta.get("record", {})
     scalars = {k: result[k] for k in metrics.SCALAR_KEYS}
-    # samples: the output is the posterior mean of that many samples (1: a single sample, or a point estimate)
-    for key in ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe", "data_residual", "samples"):
-        if record.get(key) is not None:
-            scalars[key] = record[key]
+    scalars.update(cost_metrics(rec.meta))
     std_path = Path(recon) / "std"
     if std_path.exists():
         cov = metrics.coverage_volumes(rec, Volume.open(std_path), ref, mask=mask, body_threshold=threshold,
                                        slab=slab)
         scalars.update(cov)
-        n = int(record.get("samples", 0)) or None
+        n = int(rec.meta.get("record", {}).get("samples", 0)) or None
         for k in (1, 2):
             scalars[f"cov{k}_expected"] = metrics.expected_coverage(k, n)
     notes = list(result.get("notes", []))
@@ -101,6 +129,7 @@ def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dic
                      f"resampled onto the study grid ({describe(grid)}; {grid['interpolation']})")
     doc = {
         "subject": subject, "method": method, "modality": ref.modality, "window": list(window),
+        "units": ref.meta.get("units"), "prior": rec.meta.get("prior"),
         "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()},
         "per_slice": {"psnr": result["psnr_per_slice"], "ssim": result["ssim_per_slice"]},
         "info": result.get("info", {}), "notes": notes,

@@ -10,7 +10,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from medrecon import config as cfgmod
 from medrecon.errors import InputError
-from medrecon.evaluate import evaluate
+from medrecon.evaluate import cost_metrics, evaluate
 from medrecon.volume import Geometry, Volume
 
 
@@ -43,3 +43,16 @@ def test_grid_mismatch_is_refused(tmp_path):
     with pytest.raises(InputError, match="not on the grid"):
         evaluate(r.path, other.path, tmp_path / "m.json", cfgmod.validate({}), "s1", "fbp")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_nfe_only_for_methods_with_a_prior_and_iterations_apart():
+    """A classical method's record counts operator applications as ``nfe``: not network evaluations."""
+    rec = {"runtime_s": 0.2, "nfe": 203, "data_residual": 0.01, "peak_rss_mb": 500.0}
+    sirt = cost_metrics({"record": rec, "prior": None, "info": {"n_iter": 100}})
+    assert "nfe" not in sirt and sirt["iterations"] == 100 and sirt["runtime_s"] == 0.2
+    fbp = cost_metrics({"record": {**rec, "nfe": 1}, "prior": None, "info": {"seconds": 0.04}})
+    assert "nfe" not in fbp and "iterations" not in fbp
+    dds = cost_metrics({"record": {**rec, "nfe": 50}, "prior": ["ct_slice.pt"], "info": {"method": "dds"}})
+    assert dds["nfe"] == 50 and "iterations" not in dds
+    slabs = cost_metrics({"record": rec, "prior": None, "info": {"slabs": [{"n_iter": 30}, {"n_iter": 28}]}})
+    assert slabs["iterations"] == 30
