@@ -10,6 +10,7 @@ import base64
 import datetime as _dt
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,23 @@ import pandas as pd
 import yaml
 
 from medrecon.provenance import package_versions
+from medrecon.report.tables import Column, ordered_columns
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;
+padding:0 1rem}
 h1{border-bottom:2px solid #444}h2{margin-top:2.2rem;border-bottom:1px solid #bbb}
-table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;
-text-align:right}th{background:#f1f1f1}td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}td,th{border:1px solid #ccc;padding:.25rem .45rem;
+text-align:right;white-space:nowrap}th{background:#f1f1f1;text-align:center}td:first-child{text-align:left}
+th.sub{font-weight:normal}.sd{color:#777;font-size:.78rem}.na{color:#999}
 img{max-width:100%;border:1px solid #ddd;margin:.4rem 0}pre{background:#f7f7f7;padding:.8rem;overflow:auto;
 font-size:.78rem}.wide{overflow-x:auto}figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}
-.note{color:#555;font-size:.9rem}
+.note{color:#555;font-size:.9rem}details{margin:.4rem 0 1rem}summary{cursor:pointer;color:#245}
+dl.cols{font-size:.82rem;color:#444;display:grid;grid-template-columns:max-content auto;gap:.1rem 1rem}
+dl.cols dt{font-weight:600}dl.cols dd{margin:0}
 """
+
+NA = "—"   # a metric that does not apply (e.g. NFE of a method without a network)
 
 
 def _img(path: Path, caption: str) -> str:
@@ -35,31 +43,120 @@ def _img(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _table(df: pd.DataFrame, float_format: str = "{:.4g}") -> str:
-    return df.to_html(index=False, border=0, na_rep="–", float_format=lambda v: float_format.format(v))
+def fmt_value(v: float, col: Column | None = None) -> str:
+    """A number with the column's decimals, or three significant digits (no exponent below 10^6)."""
+    if v is None or pd.isna(v):
+        return NA
+    v = float(v)
+    dec = col.decimals if col is not None and col.decimals is not None else _significant_decimals(v)
+    return f"{v:.{dec}f}".replace("-", "−")
 
 
-def _summary_display(summary: pd.DataFrame) -> pd.DataFrame:
-    """mean ± std strings, one column per metric."""
-    out = pd.DataFrame({"method": summary["method"], "n": summary["n"]})
-    for col in summary.columns:
-        if col.endswith("_mean"):
-            m = col[:-5]
-            out[m] = [("–" if pd.isna(a) else (f"{a:.4g}" if pd.isna(s) else f"{a:.4g} ± {s:.2g}"))
-                      for a, s in zip(summary[col], summary[f"{m}_std"], strict=True)]
+def _significant_decimals(v: float, digits: int = 3) -> int:
+    """Decimals that show ``digits`` significant digits of ``v`` (none for |v| >= 10^(digits-1))."""
+    a = abs(v)
+    if a == 0 or not math.isfinite(a):
+        return 0
+    return max(0, digits - 1 - math.floor(math.log10(a)))
+
+
+def _mean_std_cell(mean: float, std: float, col: Column) -> str:
+    if mean is None or pd.isna(mean):
+        return f"<td class=na>{NA}</td>"
+    m = fmt_value(mean, col)
+    if std is None or pd.isna(std) or (std == 0 and col.decimals == 0):
+        return f"<td>{m}</td>"
+    ref = col if col.decimals is not None else Column(col.key, "", "", "", "", decimals=_decimals(m))
+    return f"<td>{m}<span class=sd> ± {fmt_value(std, ref)}</span></td>"
+
+
+def _decimals(text: str) -> int:
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def _header(first: list[str], cols: list[Column], prefix: str = "") -> str:
+    """Two header rows: a group (e.g. "PSNR (dB)") spanning its sub-columns (axial, coronal, sagittal)."""
+    two = any(c.group for c in cols)
+    top = [f"<th rowspan={2 if two else 1}>{html.escape(h)}</th>" for h in first]
+    sub = []
+    i = 0
+    while i < len(cols):
+        c = cols[i]
+        if c.group:
+            j = i
+            while j < len(cols) and cols[j].group == c.group and cols[j].unit == c.unit:
+                j += 1
+            label = prefix + c.group + (f" ({c.unit})" if c.unit else "")
+            top.append(f"<th colspan={j - i}>{html.escape(label)}</th>")
+            sub += [f'<th class=sub title="{html.escape(x.meaning)}">{html.escape(x.name)}</th>' for x in cols[i:j]]
+            i = j
+        else:
+            label = prefix + c.name + (f" ({c.unit})" if c.unit else "")
+            top.append(f'<th rowspan={2 if two else 1} title="{html.escape(c.meaning)}">{html.escape(label)}</th>')
+            i += 1
+    rows = "<tr>" + "".join(top) + "</tr>" + ("<tr>" + "".join(sub) + "</tr>" if two else "")
+    return "<thead>" + rows + "</thead>"
+
+
+def _summary_table(summary: pd.DataFrame, cols: list[Column]) -> str:
+    body = []
+    for _, r in summary.iterrows():
+        cells = [f"<td>{html.escape(str(r['method']))}</td>", f"<td>{int(r['n'])}</td>"]
+        cells += [_mean_std_cell(r.get(f"{c.key}_mean"), r.get(f"{c.key}_std"), c) for c in cols]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ("<div class=wide><table>" + _header(["method", "n"], cols) + "<tbody>" + "".join(body)
+            + "</tbody></table></div>")
+
+
+def _legend(cols: list[Column]) -> str:
+    items = "".join(f"<dt>{html.escape(c.header)}</dt><dd>{html.escape(c.meaning)}</dd>" for c in cols if c.meaning)
+    return f"<dl class=cols>{items}</dl>"
+
+
+def summary_html(summary: pd.DataFrame) -> str:
+    """The decisive columns (PSNR and SSIM per plane, slice consistency, time, NFE) in one table that fits
+    the page, every other metric behind a ``<details>`` toggle; headers are human names with units."""
+    keys = [c[:-5] for c in summary.columns if c.endswith("_mean")]
+    cols = ordered_columns(keys)
+    main = [c for c in cols if c.main]
+    rest = [c for c in cols if not c.main]
+    out = _summary_table(summary, main)
+    if rest:
+        out += (f"<details><summary>All metrics ({len(rest)} more columns) and what each column means</summary>"
+                + _summary_table(summary, rest) + _legend(cols) + "</details>")
     return out
 
 
-def _paired_display(paired: pd.DataFrame) -> pd.DataFrame:
-    """One row per method, one column per metric: ``mean difference (p)`` (t-test p where computable)."""
-    cells = {}
-    for _, r in paired.iterrows():
-        p = r["t_p"] if not pd.isna(r["t_p"]) else None
-        cells.setdefault(r["method"], {})[r["metric"]] = (
-            f"{r['mean_diff']:+.4g}" + ("" if p is None else f" (p={p:.2g})"))
-    out = pd.DataFrame.from_dict(cells, orient="index")
-    out.insert(0, "vs", paired.groupby("method", sort=False)["baseline"].first().reindex(out.index))
-    return out.reset_index(names="method")
+def _paired_cell(r: pd.Series | None, col: Column) -> str:
+    if r is None or pd.isna(r["mean_diff"]):
+        return f"<td class=na>{NA}</td>"
+    d = fmt_value(r["mean_diff"], col)
+    d = d if d.startswith("−") else "+" + d
+    p = "" if pd.isna(r["t_p"]) else f"<span class=sd> (p={r['t_p']:.2g})</span>"
+    return f"<td>{d}{p}</td>"
+
+
+def _paired_table(paired: pd.DataFrame, cols: list[Column]) -> str:
+    body = []
+    for method, g in paired.groupby("method", sort=False):
+        by = {r["metric"]: r for _, r in g.iterrows()}
+        cells = [f"<td>{html.escape(str(method))}</td>", f"<td>{html.escape(str(g['baseline'].iloc[0]))}</td>"]
+        cells += [_paired_cell(by.get(c.key), c) for c in cols]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ("<div class=wide><table>" + _header(["method", "vs"], cols, prefix="Δ ") + "<tbody>" + "".join(body)
+            + "</tbody></table></div>")
+
+
+def paired_html(paired: pd.DataFrame) -> str:
+    """Mean subject-wise difference (method − baseline) and t-test p, decisive metrics first."""
+    cols = ordered_columns(list(dict.fromkeys(paired["metric"])))
+    main = [c for c in cols if c.main]
+    rest = [c for c in cols if not c.main]
+    out = _paired_table(paired, main)
+    if rest:
+        out += (f"<details><summary>Differences in the other metrics ({len(rest)})</summary>"
+                + _paired_table(paired, rest) + "</details>")
+    return out
 
 
 def build_report(out: str | Path, *, study: str, config: dict[str, Any],
@@ -74,12 +171,16 @@ def build_report(out: str | Path, *, study: str, config: dict[str, Any],
              f"<style>{_CSS}</style></head><body>",
              f"<h1>medrecon study report: {html.escape(study)}</h1>",
              f"<p class=note>Generated {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')} from the "
-             "workflow's own outputs. Metrics are computed in the configured intensity window (CT: HU window mapped "
-             "to [0, 1]; MR: robust percentile range), inside the body mask when configured. runtime_s and "
-             "peak_rss_mb are the reconstruct job's own; data_residual is ||Ax − y|| / ||y||.</p>"]
+             "workflow's own outputs. Image metrics are computed in the configured intensity window (CT: the HU "
+             "window, MR: a robust percentile range, both mapped to [0, 1]), inside the body mask when configured; "
+             "PSNR and SSIM per plane are means over the axial, coronal and sagittal slices. Slice jumps: the "
+             "error's slice-to-slice changes relative to the reference's own (lower is better). Time and memory "
+             "are the reconstruct job's own. NFE (number of function evaluations) counts calls of a learned "
+             "prior network and applies only to methods that have one (— otherwise). Hover a header for its "
+             "definition; the CSV tables keep the raw keys (their units: tables/&lt;modality&gt;/columns.md).</p>"]
     for title, summary_csv, paired_csv in sections:
         parts += [f"<h2>{html.escape(title)}: results per method (mean ± std over subjects)</h2>",
-                  "<div class=wide>" + _table(_summary_display(pd.read_csv(summary_csv))) + "</div>"]
+                  summary_html(pd.read_csv(summary_csv))]
         if paired_csv is not None and Path(paired_csv).exists():
             paired = pd.read_csv(paired_csv)
             if not paired.empty:
@@ -87,7 +188,7 @@ def build_report(out: str | Path, *, study: str, config: dict[str, Any],
                           "<p class=note>Mean of subject-wise differences (method − baseline), with the paired "
                           "t-test p-value where there are enough subjects; Wilcoxon signed-rank p-values (from 6 "
                           "subjects on) are in the paired.csv table.</p>",
-                          "<div class=wide>" + _table(_paired_display(paired)) + "</div>"]
+                          paired_html(paired)]
     parts.append("<h2>Figures</h2>")
     parts += [_img(Path(p), cap) for p, cap in figures]
     parts += ["<h2>Inputs and provenance</h2>", "<pre>" + html.escape(json.dumps(inputs, indent=2, default=str))

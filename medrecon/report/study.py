@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medrecon.report.figures import montage, psnr_along_z
+from medrecon.report.figures import CONVENTION, fmt_number, montage, psnr_along_z
 from medrecon.report.html import build_report
 from medrecon.report.tables import write_study_tables
 from medrecon.volume import Volume
@@ -32,10 +32,13 @@ def build_study_report(metric_files: list[str | Path], out_html: str | Path, con
         recons = {d["method"]: Volume.open(d["recon"]) for d in sub}
         stds = {m: Volume.open(Path(v.path) / "std") for m, v in recons.items() if (Path(v.path) / "std").exists()}
         window = tuple(sub[0]["window"])
+        text = window_text(window, ref.meta.get("units"), ref.modality)
         png, _ = montage(ref, recons, window, base / "figures" / f"{subject}_montage.png",
-                         title=f"{subject} ({ref.modality}); window {window[0]:g}..{window[1]:g}", stds=stds)
+                         title=f"{subject} ({ref.modality}), window {text}", stds=stds)
+        err = fmt_number(0.25 * (window[1] - window[0]))
         figures.append((png, f"{subject}: reference, each method, |error| and posterior std (where sampled) in the "
-                             "central axial, coronal and sagittal planes"))
+                             f"central axial, coronal and sagittal planes. Grey levels: window {text}; |error| and "
+                             f"std: 0 to {err}. {CONVENTION}"))
         line = psnr_along_z({d["method"]: [v if isinstance(v, int | float) else float("nan")
                                            for v in d["per_slice"]["psnr"]] for d in sub},
                             base / "figures" / f"{subject}_psnr_z.png", title=f"{subject}: PSNR per axial slice")
@@ -46,6 +49,13 @@ def build_study_report(metric_files: list[str | Path], out_html: str | Path, con
                        "provenance": ref.meta.get("provenance")})
     return build_report(out_html, study=config.get("study", "study"), config=config, sections=sections,
                         figures=figures, inputs=inputs)
+
+
+def window_text(window: tuple[float, float], units: str | None, modality: str | None) -> str:
+    """``-1000 to 1000 HU``, ``0 to 0.813 (a.u.)``: the display window as a reader wants it."""
+    lo, hi = (fmt_number(v).replace("-", "−") for v in window)
+    unit = " HU" if units == "HU" else " (a.u.)" if modality == "MR" else f" {units}" if units else ""
+    return f"{lo} to {hi}{unit}"
 
 
 def _default_baseline(docs: list[dict]) -> str | None:

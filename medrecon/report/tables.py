@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,83 @@ import pandas as pd
 from scipy import stats
 
 # Cost columns are summarised but not tested pairwise: a p-value on runtime says nothing about quality.
-COST_METRICS = ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe")
+COST_METRICS = ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe", "iterations")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric as the report shows it: header (``group`` over ``name``), unit, meaning, decimals."""
+
+    key: str
+    group: str
+    name: str
+    unit: str
+    meaning: str
+    main: bool = False        # in the report's first table (the decisive columns); else behind "all metrics"
+    decimals: int | None = None   # fixed decimals; None: three significant digits
+
+    @property
+    def header(self) -> str:
+        return " ".join(p for p in (self.group, self.name) if p) + (f" ({self.unit})" if self.unit else "")
+
+
+_W = "in the unit window (CT: the HU window, MR: the percentile range, mapped to [0, 1])"
+# Report order: the decisive columns first (image quality per plane, slice consistency, cost), then the rest.
+COLUMNS: tuple[Column, ...] = (
+    Column("psnr_axial", "PSNR", "axial", "dB", "mean over axial slices of the 2D PSNR " + _W + "; higher is better",
+           True, 2),
+    Column("psnr_coronal", "PSNR", "coronal", "dB", "the same over coronal slices", True, 2),
+    Column("psnr_sagittal", "PSNR", "sagittal", "dB", "the same over sagittal slices", True, 2),
+    Column("ssim_axial", "SSIM", "axial", "", "mean over axial slices of the 2D SSIM (0..1, higher is better)",
+           True, 3),
+    Column("ssim_coronal", "SSIM", "coronal", "", "the same over coronal slices", True, 3),
+    Column("ssim_sagittal", "SSIM", "sagittal", "", "the same over sagittal slices", True, 3),
+    Column("slice_consistency_ratio", "", "Slice jumps", "× ref",
+           "mean |e[z+1] - e[z]| of the error e over adjacent axial slices, divided by the same of the reference: "
+           "slice-to-slice jumps the reconstruction adds, relative to the anatomy's own (lower is better)", True),
+    Column("runtime_s", "", "Time", "s", "wall-clock time of the reconstruct job's solver", True),
+    Column("nfe", "", "NFE", "", "number of function evaluations of the learned prior network (methods with a "
+           "prior only; — for classical methods)", True, 0),
+    Column("iterations", "", "Iterations", "", "solver iterations of an iterative classical method", False, 0),
+    Column("data_residual", "", "Data residual", "", "||A x - y|| / ||y||: relative misfit of the measured data",
+           False),
+    Column("psnr", "", "PSNR 3D", "dB", "PSNR of the whole volume " + _W, False, 2),
+    Column("ssim", "", "SSIM 3D", "", "3D SSIM (Gaussian window, sigma 1.5)", False, 3),
+    Column("nrmse", "", "NRMSE", "", "||x - ref|| / ||ref||", False),
+    Column("mae", "", "MAE", "window", "mean |x - ref| " + _W, False),
+    Column("slice_consistency", "", "Slice jumps", "window", "mean |e[z+1] - e[z]| " + _W, False),
+    Column("peak_rss_mb", "", "Peak memory", "MB", "peak resident memory (RSS) of the reconstruct job", False),
+    Column("cuda_max_allocated_mb", "", "GPU memory", "MB", "largest CUDA allocation of the reconstruct job", False),
+    Column("cov1", "", "Coverage 1σ", "", "fraction of voxels with |mean - ref| <= 1 posterior std", False, 3),
+    Column("cov1_expected", "", "Coverage 1σ expected", "", "what a calibrated posterior gives with this many "
+           "samples", False, 3),
+    Column("cov2", "", "Coverage 2σ", "", "fraction of voxels with |mean - ref| <= 2 posterior std", False, 3),
+    Column("cov2_expected", "", "Coverage 2σ expected", "", "the same for 2 std", False, 3),
+)
+COLUMN_BY_KEY = {c.key: c for c in COLUMNS}
+
+
+def column(key: str) -> Column:
+    """The :class:`Column` of a metric key (an unknown key is shown under its raw name, in the details)."""
+    return COLUMN_BY_KEY.get(key) or Column(key, "", key, "", "")
+
+
+def ordered_columns(keys: list[str]) -> list[Column]:
+    """The columns of ``keys`` in report order (known metrics first, in :data:`COLUMNS` order)."""
+    known = [c for c in COLUMNS if c.key in keys]
+    return known + [column(k) for k in keys if k not in COLUMN_BY_KEY]
+
+
+def columns_markdown() -> str:
+    """What each column of the CSV tables means, with its unit (written beside the tables)."""
+    lines = ["# Columns of the study tables", "",
+             "`summary.csv` has `<key>_mean` and `<key>_std` (over subjects, ddof = 1) per metric key; "
+             "`metrics_long.csv` one row per subject and method; `paired.csv` the subject-wise differences "
+             "(method - baseline) with paired t-test and Wilcoxon p-values. A missing value means the metric "
+             "does not apply (e.g. NFE of a method without a network).", "",
+             "| key | shown as | unit | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{c.key}` | {c.header} | {c.unit or '-'} | {c.meaning} |" for c in COLUMNS]
+    return "\n".join(lines) + "\n"
 
 
 def load_metrics(paths: list[str | Path]) -> pd.DataFrame:
@@ -27,13 +104,28 @@ def load_metrics(paths: list[str | Path]) -> pd.DataFrame:
         with open(p) as f:
             rec = json.load(f)
         row: dict[str, Any] = {"subject": rec["subject"], "method": rec["method"]}
-        for key, val in rec.get("metrics", {}).items():
+        for key, val in _legacy_costs(rec).items():
             if isinstance(val, int | float) and not isinstance(val, bool):
                 row[key] = float(val)
         rows.append(row)
     if not rows:
         raise ValueError("no metrics files given")
     return pd.DataFrame(rows)
+
+
+def _legacy_costs(rec: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of an evaluate JSON; one written before evaluate told network evaluations from solver
+    iterations (no ``prior`` key) gets NFE and iterations re-read from its reconstruction's record."""
+    out = dict(rec.get("metrics", {}))
+    if "prior" in rec or not rec.get("recon") or not Path(rec["recon"]).exists():
+        return out
+    from medrecon.evaluate import cost_metrics
+    from medrecon.volume import Volume
+
+    costs = cost_metrics(Volume.open(rec["recon"]).meta)
+    out.pop("nfe", None)
+    out.update({k: costs[k] for k in ("nfe", "iterations") if k in costs})
+    return out
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
@@ -109,7 +201,8 @@ def markdown_paired(p: pd.DataFrame) -> str:
 
 
 def write_study_tables(metric_files: list[str | Path], out_dir: str | Path, baseline: str | None) -> dict[str, Path]:
-    """Write ``summary.csv``, ``summary.md`` and (with a baseline present) ``paired.csv``/``paired.md``."""
+    """Write ``summary.csv``, ``summary.md``, (with a baseline present) ``paired.csv``/``paired.md``, and
+    ``columns.md`` (what each raw column key means, with its unit)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = load_metrics(metric_files)
@@ -125,4 +218,6 @@ def write_study_tables(metric_files: list[str | Path], out_dir: str | Path, base
         written.update(paired_csv=out / "paired.csv", paired_md=out / "paired.md")
         text += "\n" + markdown_paired(pr)
     (out / "summary.md").write_text(text)
+    (out / "columns.md").write_text(columns_markdown())
+    written["columns_md"] = out / "columns.md"
     return written

@@ -86,3 +86,35 @@ def test_single_method_has_no_paired_table(tmp_path):
     files = [f for f in _write_metrics(tmp_path, 2) if f.name.endswith("_fbp.json")]
     written = write_study_tables(files, tmp_path / "t", baseline="fbp")
     assert "paired_csv" not in written and "| fbp | 2 |" in written["summary_md"].read_text()
+
+
+def test_numbers_and_windows_read_well():
+    from medrecon.report.html import fmt_value
+    from medrecon.report.study import window_text
+    from medrecon.report.tables import column
+
+    assert window_text((0.0, 0.818946), "arbitrary", "MR") == "0 to 0.819 (a.u.)"
+    assert window_text((-1000.0, 1000.0), "HU", "CT") == "−1000 to 1000 HU"
+    assert fmt_value(26.299266, column("psnr_axial")) == "26.30"
+    assert fmt_value(0.049986) == "0.0500" and fmt_value(496.3) == "496" and fmt_value(12.46) == "12.5"
+    assert fmt_value(float("nan")) == "—"
+
+
+def test_columns_are_documented_with_units(tmp_path):
+    written = write_study_tables(_write_metrics(tmp_path, 3), tmp_path / "tables", baseline="fbp")
+    doc = written["columns_md"].read_text()
+    assert "| `psnr_axial` | PSNR axial (dB) | dB |" in doc and "| `runtime_s` | Time (s) | s |" in doc
+    assert "| `peak_rss_mb` | Peak memory (MB) | MB |" in doc
+
+
+def test_old_metrics_files_get_nfe_from_the_reconstruction(tmp_path):
+    """Metrics JSONs written before evaluate recorded the prior: a classical method's operator count is not
+    shown as NFE; its iterations come from the reconstruction's record."""
+    rec = Volume.from_array(tmp_path / "sirt.zarr", np.zeros((2, 3, 3), np.float32), Geometry(),
+                            {"modality": "CT", "prior": None, "info": {"n_iter": 100},
+                             "record": {"nfe": 203, "runtime_s": 0.2}})
+    p = tmp_path / "sirt.json"
+    p.write_text(json.dumps({"subject": "s0", "method": "sirt", "recon": str(rec.path),
+                             "metrics": {"psnr": 30.0, "nfe": 203}}))
+    row = load_metrics([p]).iloc[0]
+    assert "nfe" not in row.index and row["iterations"] == 100
