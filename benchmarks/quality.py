@@ -87,7 +87,7 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
                 "langevin": 0.2},
     "resample": {"steps": 50, "dc_every": 5, "inter_steps": 2, "pixel_iters": 100, "latent_iters": 50,
                  "stall_window": 25},
-    # Latent DPS: dps_scale is not scale-free (algorithms.md); scan on 8-view CT (4 slices, 20 steps):
+    # Latent DPS: dps_scale is not scale-free (docs/algorithms.md section 6); scan on 8-view CT (4 slices, 20 steps):
     # 0-5 -> 7 dB (prior samples), 50 -> 9.1 dB, 500 -> 13.8 dB (residual MSE 0.24).
     "latent_dps": {"steps": 50, "dps_scale": 500.0},
 }

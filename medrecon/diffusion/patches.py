@@ -1,7 +1,7 @@
 """Patch diffusion priors (PaDIS): coordinate channels, padded patch training data, stitched whole-image denoiser.
 
 Paper: Hu, Song, Xu, Shen, Fessler, "Learning Image Priors through Patch-based Diffusion Models for Solving
-Inverse Problems", NeurIPS 2024; reference code ``jasonhu4/PaDIS@1970ef2`` (see ``algorithms.md`` section 5).
+Inverse Problems", NeurIPS 2024; reference code ``jasonhu4/PaDIS@1970ef2`` (see ``docs/algorithms.md`` section 5).
 The idea: the prior of a whole image is modelled as a product of patch priors, so the whole-image score is a
 sum of patch scores. A network is trained on small patches of zero-padded images, told *where* each patch
 lies by coordinate channels; at sampling time a non-overlapping grid of patches, shifted at random at every

@@ -18,8 +18,9 @@ from its own ``t`` alone: :func:`phantom_slab` gives bit-identical values to sli
 :func:`write_phantom_volume` needs one slab of memory. Texture is Gaussian-filtered white noise on a coarse
 lattice in the same normalised coordinates (separable Gaussian weights: two small matrix products per slice).
 
-Array convention (design.md): ``(z, y, x)`` float32, spacing ``(dz, dy, dx)`` mm, identity LPS
-direction (x to patient left, y posterior, z superior), origin such that the volume centre is at LPS 0.
+Array convention (``docs/design.md``, :class:`medrecon.volume.Geometry`): ``(z, y, x)`` float32, spacing
+``(dz, dy, dx)`` mm, identity LPS direction (x to patient left, y posterior, z superior), origin such that
+the volume centre is at LPS 0.
 """
 
 from __future__ import annotations
