@@ -112,10 +112,9 @@ def evaluate(reference: str | Path, recon: str | Path, out: str | Path, cfg: dic
     result = metrics.evaluate_volumes(ref, rec, window, mask=mask, body_threshold=threshold, slab=slab)
     scalars = {k: result[k] for k in metrics.SCALAR_KEYS}
     scalars.update(cost_metrics(rec.meta))
-    std_path = Path(recon) / "std"
-    if std_path.exists():
-        cov = metrics.coverage_volumes(rec, Volume.open(std_path), ref, mask=mask, body_threshold=threshold,
-                                       slab=slab)
+    std = rec.posterior_std()
+    if std is not None:
+        cov = metrics.coverage_volumes(rec, std, ref, mask=mask, body_threshold=threshold, slab=slab)
         scalars.update(cov)
         n = int(rec.meta.get("record", {}).get("samples", 0)) or None
         for k in (1, 2):

@@ -515,6 +515,15 @@ class Volume:
         for rng in slab_ranges(self.shape[0], slab or self.chunk_depth, halo):
             yield rng, self.read_slab(rng[2], rng[3])
 
+    def posterior_std(self) -> Volume | None:
+        """The posterior std stored with this reconstruction (the image listed with kind ``posterior_std`` in
+        ``medrecon.images``; stores written before that list existed: a nested ``std``), or None."""
+        listed = [im["path"] for im in self.meta.get("images", []) if im.get("kind") == "posterior_std"]
+        for name in listed or ["std"]:
+            if (self.path / name).exists():
+                return Volume.open(self.path / name)
+        return None
+
     def info(self) -> dict[str, Any]:
         """Metadata summary for ``medrecon info``."""
         return {"path": str(self.path), "shape": list(self.shape), "dtype": str(self.array.dtype),

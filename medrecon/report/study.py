@@ -30,7 +30,7 @@ def build_study_report(metric_files: list[str | Path], out_html: str | Path, con
         sub = [d for d in docs if d["subject"] == subject]
         ref = Volume.open(sub[0]["reference"])
         recons = {d["method"]: Volume.open(d["recon"]) for d in sub}
-        stds = {m: Volume.open(Path(v.path) / "std") for m, v in recons.items() if (Path(v.path) / "std").exists()}
+        stds = {m: std for m, v in recons.items() if (std := v.posterior_std()) is not None}
         window = tuple(sub[0]["window"])
         text = window_text(window, ref.meta.get("units"), ref.modality)
         png, _ = montage(ref, recons, window, base / "figures" / f"{subject}_montage.png",

@@ -72,7 +72,8 @@ def test_ingested_reference_and_reconstruction_validate(tmp_path):
     assert rec.meta["images"] == [{"path": "std", "kind": "posterior_std", "name": "ct01 dps posterior std"}]
     std_ome = _validate(out / "std")
     assert std_ome["multiscales"][0]["name"] == "ct01 dps posterior std"
-    std = Volume.open(out / "std")                        # where evaluate and the report read it
+    std = rec.posterior_std()                             # how evaluate and the report find it
+    assert std is not None and std.path == out / "std"    # still where it always was
     np.testing.assert_allclose(std.read(), samples.std(axis=0, ddof=1), rtol=1e-5, atol=1e-4)
     sw = _window(std_ome)
     assert sw["start"] == 0.0 and 0 < sw["end"] <= float(std.read().max())
