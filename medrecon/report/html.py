@@ -21,7 +21,7 @@ from medrecon.provenance import package_versions
 from medrecon.report.tables import Column, ordered_columns
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1280px;color:#222;
 padding:0 1rem}
 h1{border-bottom:2px solid #444}h2{margin-top:2.2rem;border-bottom:1px solid #bbb}
 table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}td,th{border:1px solid #ccc;padding:.25rem .45rem;
@@ -98,13 +98,14 @@ def _header(first: list[str], cols: list[Column], prefix: str = "") -> str:
     return "<thead>" + rows + "</thead>"
 
 
-def _summary_table(summary: pd.DataFrame, cols: list[Column]) -> str:
+def _summary_table(summary: pd.DataFrame, cols: list[Column], with_n: bool = True) -> str:
     body = []
     for _, r in summary.iterrows():
-        cells = [f"<td>{html.escape(str(r['method']))}</td>", f"<td>{int(r['n'])}</td>"]
+        cells = [f"<td>{html.escape(str(r['method']))}</td>"] + ([f"<td>{int(r['n'])}</td>"] if with_n else [])
         cells += [_mean_std_cell(r.get(f"{c.key}_mean"), r.get(f"{c.key}_std"), c) for c in cols]
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return ("<div class=wide><table>" + _header(["method", "n"], cols) + "<tbody>" + "".join(body)
+    first = ["method", "n"] if with_n else ["method"]
+    return ("<div class=wide><table>" + _header(first, cols) + "<tbody>" + "".join(body)
             + "</tbody></table></div>")
 
 
@@ -123,7 +124,7 @@ def summary_html(summary: pd.DataFrame) -> str:
     out = _summary_table(summary, main)
     if rest:
         out += (f"<details><summary>All metrics ({len(rest)} more columns) and what each column means</summary>"
-                + _summary_table(summary, rest) + _legend(cols) + "</details>")
+                + _summary_table(summary, rest, with_n=False) + _legend(cols) + "</details>")
     return out
 
 
