@@ -399,6 +399,7 @@ class VolumeWriter:
         block = dict(self.meta)
         block.update({"format": FORMAT, "geometry": self.geometry.to_dict(),
                       "value_range": [self._vmin, self._vmax]})
+        block.pop("images", None)             # describes this store's own nested images, never a source's
         if self._children:
             block["images"] = list(self._children)
         name = self.name or image_name(self.path, self.meta)

@@ -77,6 +77,9 @@ def test_ingested_reference_and_reconstruction_validate(tmp_path):
     np.testing.assert_allclose(std.read(), samples.std(axis=0, ddof=1), rtol=1e-5, atol=1e-4)
     sw = _window(std_ome)
     assert sw["start"] == 0.0 and 0 < sw["end"] <= float(std.read().max())
+    # A copy of the mean alone (ingest of a .zarr) does not claim the std it did not copy.
+    (copy,) = ingest(out, tmp_path / "copy" / "volume.zarr", cfg)
+    assert "images" not in Volume.open(copy).meta and Volume.open(copy).posterior_std() is None
 
 
 def test_mr_window_is_percentiles_of_magnitude(tmp_path):
