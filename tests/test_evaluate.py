@@ -47,9 +47,9 @@ def test_grid_mismatch_is_refused(tmp_path):
 
 def test_nfe_only_for_methods_with_a_prior_and_iterations_apart():
     """A classical method's record counts operator applications as ``nfe``: not network evaluations."""
-    rec = {"runtime_s": 0.2, "nfe": 203, "data_residual": 0.01, "peak_rss_mb": 500.0}
+    rec = {"runtime_s": 0.2, "nfe": 203, "data_residual": 0.01, "peak_rss_mb": 500.0, "samples": 1}
     sirt = cost_metrics({"record": rec, "prior": None, "info": {"n_iter": 100}})
-    assert "nfe" not in sirt and sirt["iterations"] == 100 and sirt["runtime_s"] == 0.2
+    assert "nfe" not in sirt and sirt["iterations"] == 100 and sirt["runtime_s"] == 0.2 and sirt["samples"] == 1
     fbp = cost_metrics({"record": {**rec, "nfe": 1}, "prior": None, "info": {"seconds": 0.04}})
     assert "nfe" not in fbp and "iterations" not in fbp
     dds = cost_metrics({"record": {**rec, "nfe": 50}, "prior": ["ct_slice.pt"], "info": {"method": "dds"}})

@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 
 # Cost columns are summarised but not tested pairwise: a p-value on runtime says nothing about quality.
-COST_METRICS = ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe", "iterations")
+COST_METRICS = ("runtime_s", "peak_rss_mb", "cuda_max_allocated_mb", "nfe", "iterations", "samples")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("nfe", "", "NFE", "", "number of function evaluations of the learned prior network (methods with a "
            "prior only; — for classical methods)", True, 0),
     Column("iterations", "", "Iterations", "", "solver iterations of an iterative classical method", False, 0),
+    Column("samples", "", "Samples", "", "posterior samples averaged into the output (1: a single sample or a point "
+           "estimate)", False, 0),
     Column("data_residual", "", "Data residual", "", "||A x - y|| / ||y||: relative misfit of the measured data",
            False),
     Column("psnr", "", "PSNR 3D", "dB", "PSNR of the whole volume " + _W, False, 2),
