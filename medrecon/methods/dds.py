@@ -1,7 +1,7 @@
 """DDS: Decomposed Diffusion Sampler (Chung, Lee, Ye, ICLR 2024).
 
 Follows ``HJ-harry/DDS@509b140`` (``solver_2d.py``, ``solver_3d.py``, ``utils.py:CG``; see
-``algorithms.md`` section 2). Per step of a uniform DDIM grid (default 50 steps):
+``docs/algorithms.md`` section 2). Per step of a uniform DDIM grid (default 50 steps):
 
 1. x0_hat = D(x_t / sqrt(ab_t), sigma_t)  (Tweedie; eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t));
 2. data consistency in the image domain, warm-started at from_prior(x0_hat): ``cg_iter`` (default 5)

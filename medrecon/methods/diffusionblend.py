@@ -2,7 +2,7 @@
 
 Song, Hu, Luo, Fessler, Shen, "DiffusionBlend: Learning 3D Image Prior through Position-aware Diffusion
 Score Blending for 3D Computed Tomography Reconstruction", NeurIPS 2024. Reference code
-``efzero/DiffusionBlend@05dc7fc`` (``eval_3D_blend_cond_lidc.py``; ``algorithms.md`` section 4).
+``efzero/DiffusionBlend@05dc7fc`` (``eval_3D_blend_cond_lidc.py``; ``docs/algorithms.md`` section 4).
 
 The prior (:mod:`medrecon.diffusion.slab_data`) models groups of 3 slices, stacked as channels, with a
 label for their spacing (0: adjacent ``i, i+1, i+2``; 1: strided ``i, i+s, i+2s``). The sampler walks the
@@ -28,7 +28,7 @@ channels, so a slab has 6) go through the same code.
 Deliberate departures from the reference:
 
 * Random initialisation and the data-consistency result are used, as in the LIDC script; the AAPM script
-  (``eval_3DCT_blendcond.py``) discards DC and starts from the noised ground truth (``algorithms.md`` 4.8).
+  (``eval_3DCT_blendcond.py``) discards DC and starts from the noised ground truth (``docs/algorithms.md`` 4.8).
   ``init``/``start`` give DDS's warm start (a classical reconstruction diffused to the step ``start`` of the
   way from the end, :mod:`medrecon.methods.dds`), the measurement-only version of that AAPM start.
 * Any number of slices: the reference needs a multiple of 9. Slices a partition leaves over at the ends

@@ -1,6 +1,6 @@
 """PaDIS: Patch Diffusion Inverse Solver (Hu, Song, Xu, Shen, Fessler, NeurIPS 2024), and a 3D variant.
 
-Follows ``jasonhu4/PaDIS@1970ef2``, ``inverse_nodist.py:dps`` (what its ``main`` calls; ``algorithms.md``
+Follows ``jasonhu4/PaDIS@1970ef2``, ``inverse_nodist.py:dps`` (what its ``main`` calls; ``docs/algorithms.md``
 section 5.3). The prior is a patch denoiser with coordinate channels, made into a whole-image denoiser D by
 :class:`medrecon.diffusion.patches.PatchDenoiser` (random non-overlapping grid over the zero-padded image,
 padding ring forced to the background). The state x is the *padded* image in the prior domain. On an EDM

@@ -1,7 +1,7 @@
 """ReSample: latent diffusion with hard data consistency and stochastic resampling (Song, Kwon, Zhang, Hu,
 Qu, Shen, "Solving inverse problems with latent diffusion models via hard data consistency", ICLR 2024).
 
-Follows ``soominkwon/resample@3e332b2`` (``DDIMSampler.resample_sampling``; ``algorithms.md`` section 6).
+Follows ``soominkwon/resample@3e332b2`` (``DDIMSampler.resample_sampling``; ``docs/algorithms.md`` section 6).
 The reference has no CT or MRI pipeline; this is medrecon's, built from that sampler. Per step of a
 uniform DDIM grid on the latent prior's VP schedule (``steps``, default 500 as the reference;
 ``index`` counts down steps-1 .. 0):
