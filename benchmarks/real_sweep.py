@@ -52,6 +52,10 @@ def main() -> None:
     p.add_argument("--modality", choices=("CT", "MR"), default="CT",
                    help="which validation subjects; the classical reference is 3D TV (CT) or L1-wavelet (MR)")
     p.add_argument("--no-tv", action="store_true", help="skip the classical reference rows")
+    p.add_argument("--reference-only", action="store_true", help="only the classical reference rows")
+    p.add_argument("--reference-setting", action="append", default=[], metavar="NAME=JSON",
+                   help="a named setting of the classical reference (e.g. 'lam3e-4={\"lam\": 3e-4}'), so its "
+                        "weight is chosen on the same subjects as the sampler's; default: its config params")
     p.add_argument("--out", default=str(HERE / "out" / "real_sweep.json"))
     a = p.parse_args()
 
@@ -75,8 +79,11 @@ def main() -> None:
     try:
         for sid in subjects:
             meas, ref = res / sid / "measurement.zarr", res / sid / "reference.zarr"
-            runs = [] if a.no_tv else [(reference, None, reference, {})]
-            runs += [("dds", pr, name, st) for pr in priors for name, st in settings.items()]
+            ref_settings = dict(item.partition("=")[::2] for item in a.reference_setting) or {reference: "{}"}
+            runs = [] if a.no_tv else [(reference, None, name, {**raw["reconstruct"].get("params", {}).get(
+                reference, {}), **json.loads(js)}) for name, js in ref_settings.items()]
+            if not a.reference_only:
+                runs += [("dds", pr, name, st) for pr in priors for name, st in settings.items()]
             for method, prior, name, params in runs:
                 cfg = validate({**raw, "reconstruct": {**raw["reconstruct"], "params": {method: params}}}, a.config)
                 out = work / f"{sid}-{method}-{name}-{Path(prior).stem if prior else ''}.zarr"

@@ -184,12 +184,14 @@ class VolumeStats:
         return stats, samples
 
 
-def _initial_image(method: str, params: dict, problem: ReconProblem, per_slice: bool) -> torch.Tensor | None:
+def _initial_image(method: str, params: dict, problem: ReconProblem, per_slice: bool,
+                   all_params: dict | None = None) -> torch.Tensor | None:
     """The starting image the method documents (registry ``init``).
 
     ``"fbp"``: FBP for per-slice CT, else none. ``"param"``: the method's ``init`` parameter names a classical
-    method of the modality (e.g. ``tv``, ``fbp``, ``l1_wavelet``) whose reconstruction, with that method's
-    defaults, is the start (a warm start, as CCDF / SDEdit-style samplers use it); None or "none": no start.
+    method of the modality (e.g. ``tv``, ``fbp``, ``l1_wavelet``) whose reconstruction, with the study's
+    parameters of that method (``all_params[name]``, i.e. reconstruct.params), is the start (a warm start, as
+    CCDF / SDEdit-style samplers use it); None or "none": no start.
     """
     mode = METHOD_INIT.get(method)
     if mode == "fbp":
@@ -207,7 +209,7 @@ def _initial_image(method: str, params: dict, problem: ReconProblem, per_slice: 
         raise ConfigError(f"{method}: init {name!r} is not a classical {problem.modality} method",
                           fix=f"use one of {sorted(_classical_methods(problem.modality))} or none")
     with torch.no_grad():
-        return methods[name](problem, {}, None, None).samples[0]
+        return methods[name](problem, dict((all_params or {}).get(name, {})), None, None).samples[0]
 
 
 def _classical_methods(modality: str) -> set[str]:
@@ -218,7 +220,7 @@ def _classical_methods(modality: str) -> set[str]:
 
 def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, device: torch.device,
                   stats: VolumeStats | None = None, method: str | None = None,
-                  params: dict | None = None) -> ReconProblem:
+                  params: dict | None = None, all_params: dict | None = None) -> ReconProblem:
     """The inverse problem of one slab (for a per-slice operator: slices lo..hi-1 and their data), with the
     starting image ``method`` wants (:func:`_initial_image`)."""
     z, y_, x_ = meas.image_shape
@@ -235,7 +237,7 @@ def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, devic
                                  "slab": {"range": [slab.start, slab.stop, slab.lo, slab.hi]},
                                  "volume_stats": stats or {}})
     if method is not None:
-        problem.init = _initial_image(method, params or {}, problem, per_slice)
+        problem.init = _initial_image(method, params or {}, problem, per_slice, all_params)
     return problem
 
 
@@ -353,7 +355,7 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
             log.info("%s: slab %d already finished (%s)", method, slab.index, target)
             continue
         problem = _slab_problem(meas, op, slab, per_slice, device, stats if len(plan) > 1 else None, method,
-                                params)
+                                params, rcfg.get("params", {}))
         core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
         result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),
                                 device, core)

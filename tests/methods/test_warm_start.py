@@ -23,6 +23,10 @@ def test_init_names_a_classical_method_whose_result_is_the_start(problem):
     assert torch.equal(_initial_image("dds", {"init": "tv"}, problem, per_slice=True), tv)
     assert torch.allclose(_initial_image("dds", {"init": "fbp"}, problem, per_slice=True), fbp(problem.operator,
                                                                                                problem.y))
+    # the study's parameters of the named method (reconstruct.params.tv) make the start
+    tv3 = METHODS["tv"](problem, {"lam": 3e-4}, None, None).samples[0]
+    assert torch.equal(_initial_image("dds", {"init": "tv"}, problem, True, {"tv": {"lam": 3e-4}}), tv3)
+    assert not torch.equal(tv3, tv)
     assert _initial_image("dds", {}, problem, per_slice=True) is None
     assert _initial_image("dds", {"init": "none"}, problem, per_slice=True) is None
     # PaDIS documents an FBP start of its own; classical methods have none
