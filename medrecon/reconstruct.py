@@ -9,7 +9,6 @@ attributes so the evaluate step reads them from the job's own record.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 import time
@@ -23,7 +22,7 @@ from medrecon.budget import check_memory_budget
 from medrecon.errors import ConfigError, DeviceError, InputError
 from medrecon.measurement import Measurement
 from medrecon.provenance import config_hash, peak_rss_mb, provenance
-from medrecon.recon.registry import METHOD_INIT, METHOD_MODALITIES, METHODS, ReconProblem
+from medrecon.recon.registry import MethodSpec, ReconProblem, get_method, load_all, validate_params
 from medrecon.recon.slabs import (
     Slab,
     find_slabs,
@@ -38,40 +37,9 @@ from medrecon.volume import Volume, replace_dir
 
 log = logging.getLogger("medrecon.reconstruct")
 
-# Modules that register methods when imported (one method per file, see design.md).
-_METHOD_MODULES = (
-    "medrecon.recon.classical", "medrecon.recon.ct_fbp", "medrecon.recon.mri_classical",
-    "medrecon.methods.dps", "medrecon.methods.dds", "medrecon.methods.diffusionblend", "medrecon.methods.padis",
-    "medrecon.methods.resample",
-)
-
-# Which loader turns a checkpoint into the prior a method expects (default: a whole-slice prior).
-_PRIOR_LOADERS = {
-    "padis": "medrecon.diffusion.patches:patch_prior_from_checkpoint",
-    "padis3d": "medrecon.diffusion.patches:patch_prior_from_checkpoint",
-    "diffusionblend": "medrecon.diffusion.slab_data:slab_prior_from_checkpoint",
-    "diffusionblend++": "medrecon.diffusion.slab_data:slab_prior_from_checkpoint",
-    # ReSample: two checkpoints, the autoencoder and the latent prior trained on it
-    "resample": "medrecon.diffusion.latent:load_latent_prior",
-    "latent_dps": "medrecon.diffusion.latent:load_latent_prior",
-}
-_DEFAULT_PRIOR_LOADER = "medrecon.diffusion.checkpoint:prior_from_checkpoint"
-
-
-def prior_loader(method: str):
-    module, _, name = _PRIOR_LOADERS.get(method, _DEFAULT_PRIOR_LOADER).partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def load_methods() -> dict:
-    """Import every method module that exists so the registry is complete."""
-    for name in _METHOD_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-    return METHODS
+def load_methods() -> dict[str, MethodSpec]:
+    """Every registered method by name (:func:`medrecon.recon.registry.load_all`)."""
+    return load_all()
 
 
 def check_prior_grids(paths: list[str | Path], meas: Measurement, method: str) -> None:
@@ -186,7 +154,7 @@ class VolumeStats:
 
 def _initial_image(method: str, modality: str, op: Any, y: torch.Tensor, per_slice: bool) -> torch.Tensor | None:
     """The starting image the method documents (registry ``init``): FBP for per-slice CT, else none."""
-    if METHOD_INIT.get(method) != "fbp" or modality != "CT" or not per_slice:
+    if get_method(method).init != "fbp" or modality != "CT" or not per_slice:
         return None
     from medrecon.recon.ct_fbp import fbp
 
@@ -223,7 +191,7 @@ def _solve(method: str, problem: ReconProblem, params: dict, prior: Any, generat
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = load_methods()[method](problem, params, prior, generator)
+    result = get_method(method).run(problem, params, prior, generator)
     runtime = time.perf_counter() - t0
     mean = result.samples.mean(dim=0)
     y_core = problem.y[core]
@@ -269,16 +237,14 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     the blended volume is written, so an interrupted job resumes from its last finished slab. With
     ``part=(i, n)`` only job i of n runs and ``out`` is a folder of slab volumes for :func:`gather_parts`.
     """
-    methods = load_methods()
-    if method not in methods:
-        raise ConfigError(f"Unknown reconstruction method {method!r}.",
-                          fix=f"use one of: {', '.join(sorted(methods))}.")
+    spec = get_method(method)
     meas = Measurement.open(measurement_path)
-    if meas.modality not in METHOD_MODALITIES[method]:
+    if meas.modality not in spec.modalities:
         raise ConfigError(f"Method {method!r} does not apply to {meas.modality} data ({measurement_path}).",
-                          fix=f"list it under reconstruct.methods.{METHOD_MODALITIES[method][0]} instead.")
+                          fix=f"list it under reconstruct.methods.{spec.modalities[0]} instead.")
     rcfg = config["reconstruct"]
-    params = dict(rcfg.get("params", {}).get(method, {}))
+    params = dict(rcfg["params"].get(method, {}))
+    validate_params(method, params)       # a typo in the config fails here, before any prior is loaded
     settings = slab_settings(rcfg)
     device = pick_device(rcfg.get("device", "auto"))
     seed = int(rcfg.get("seed", 0))
@@ -292,7 +258,10 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     prior = None
     if paths:
         check_prior_grids(paths, meas, method)
-        load = prior_loader(method)
+        if spec.loader is None:
+            raise ConfigError(f"Method {method!r} takes no prior, but prior(s) {', '.join(map(str, paths))} "
+                              "were given.", fix=f"drop the prior for {method!r} (reconstruct.priors, --prior).")
+        load = spec.load_prior()
         # Methods work in the operator's image domain: attenuation (1/mm) for CT, the native image for MR.
         if meas.modality == "CT":
             prior = load(*paths, device=device, expect_modality="CT", image_units="attenuation",

@@ -150,7 +150,7 @@ class LatentCodec:
             raise InputError(f"slices of {height}x{width} pixels cannot be encoded by an autoencoder that "
                              f"downsamples by {f}", path=path,
                              fix=f"pad the slices to multiples of {f} with the background first (the samplers "
-                                 "do: medrecon.methods.dps.SliceLayout with multiple=factor)")
+                                 "do: medrecon.methods.sampling.SliceLayout with multiple=factor)")
         return self.latent_channels, height // f, width // f
 
 

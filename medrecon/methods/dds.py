@@ -30,7 +30,7 @@ from medrecon.diffusion.dc import ZTVState, cg_normal, ztv_admm_step
 from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddim_step
 from medrecon.errors import ConfigError
-from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 DDS_DEFAULTS: dict[str, Any] = {
@@ -40,14 +40,17 @@ DDS_DEFAULTS: dict[str, Any] = {
 }
 
 
-@register_method("dds")
+@register_method(
+    "dds", defaults=DDS_DEFAULTS, prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    paper="Chung, Lee, Ye: Decomposed Diffusion Sampler for Accelerating Large-Scale Inverse Problems, ICLR 2024",
+    memory_copies=64)
 def dds(problem: ReconProblem, params: dict, prior: Prior,
         generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, *image_shape) by DDS; see the module docstring for params."""
-    p = check_params("dds", params, DDS_DEFAULTS)
+    p = check_params("dds", params)
     if not 0.0 <= float(p["eta"]) <= 1.0:
         raise ConfigError(f"dds: eta must lie in [0, 1], got {p['eta']}", fix="DDS uses eta: 0.85")
-    lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]])
+    lay = SliceLayout(problem, prior, DTYPES[p["dtype"]])
     op = lay.op
     if p["ztv"] and len(lay.image_shape) < 3:
         raise ConfigError("dds: ztv needs a volume (Z, Y, X); this problem has one slice",
