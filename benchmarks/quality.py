@@ -169,7 +169,7 @@ def train_configs(steps: int, device: str) -> dict[str, dict[str, Any]]:
 def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: dict[str, dict[str, list[Path]]]
                  ) -> dict[str, dict[str, Any]]:
     """Train (or reuse) each needed prior; returns {name: {path, seconds, volumes, config}}."""
-    from medrecon.diffusion.train import train_prior
+    from medrecon.diffusion.kinds import train_prior
 
     cfgs = train_configs(steps, device)
     done: dict[str, dict[str, Any]] = {}

@@ -135,7 +135,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @_train_args.run
 def _train(a: argparse.Namespace) -> int:
     from medrecon import config as cfgmod
-    from medrecon.diffusion.train import train_prior
+    from medrecon.diffusion.kinds import train_prior
     from medrecon.errors import ConfigError
 
     cfg = cfgmod.load(a.config)
@@ -177,8 +177,8 @@ def _measure_args(p: argparse.ArgumentParser) -> None:
 @_measure_args.run
 def _measure(a: argparse.Namespace) -> int:
     from medrecon import config as cfgmod
+    from medrecon.device import pick_device
     from medrecon.measure import measure
-    from medrecon.reconstruct import pick_device
 
     print(measure(a.volume, a.out, cfgmod.load(a.config), device=pick_device(a.device)))
     return 0

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from medrecon.budget import check_memory_budget
-from medrecon.errors import ConfigError, DeviceError, InputError
+from medrecon.device import pick_device
+from medrecon.errors import ConfigError, InputError
 from medrecon.measurement import Measurement
 from medrecon.provenance import config_hash, peak_rss_mb, provenance
 from medrecon.recon.registry import MethodSpec, ReconProblem, get_method, load_all, validate_params
@@ -88,16 +89,6 @@ def _rescale_per_volume_prior(prior: Any, meas: Measurement, stats: VolumeStats)
              norm["percentile"], value, norm.get("value") or float("nan"))
     return {"value": value, "from": f"{norm['percentile']}th percentile of |A^H y| of this measurement",
             "training_median": norm.get("value")}
-
-
-def pick_device(setting: str) -> torch.device:
-    """'auto' → CUDA when available else CPU; 'cuda' on a machine without one is a clear error."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("reconstruct.device is 'cuda' but this machine has no CUDA GPU.",
-                          fix="set reconstruct.device: auto (or cpu), or run on a GPU node.")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def to_output_units(samples: torch.Tensor, measurement: Measurement) -> np.ndarray:
@@ -246,14 +237,14 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     params = dict(rcfg["params"].get(method, {}))
     validate_params(method, params)       # a typo in the config fails here, before any prior is loaded
     settings = slab_settings(rcfg)
-    device = pick_device(rcfg.get("device", "auto"))
-    seed = int(rcfg.get("seed", 0))
+    device = pick_device(rcfg["device"], "reconstruct.device")
+    seed = int(rcfg["seed"])
     op = meas.operator(device)
     per_slice = len(op.in_shape) == 2
     plan = plan_slabs(meas.image_shape[0], settings["size"], settings["halo"], per_slice)
     whole = len(plan) == 1
     check_memory_budget(measurement_path, meas.image_shape, 0 if whole else settings["size"], method,
-                        config.get("memory_mb"), halo=0 if whole else settings["halo"])
+                        config["memory_mb"], halo=0 if whole else settings["halo"])
     paths = [] if prior_path is None else [prior_path] if isinstance(prior_path, str | Path) else list(prior_path)
     prior = None
     if paths:

@@ -52,6 +52,7 @@ import torch
 
 from medrecon.diffusion.datasets import TrainingDataset, VolumeSlices
 from medrecon.diffusion.denoiser import Denoiser, sigma_batch
+from medrecon.diffusion.kinds import register_kind
 from medrecon.diffusion.normalisation import background, to_network, validate_normalisation
 from medrecon.errors import ConfigError
 
@@ -522,6 +523,13 @@ class PatchDataset(TrainingDataset):
 
 
 # ---------------------------------------------------------------------------------------------- train / load
+
+
+@register_kind("patch", "patches with coordinate channels (train.<name>.patch; depth 3 for padis3d): PaDIS")
+def _train_patch_kind(cfg: dict[str, Any], volumes: Sequence[Any], out: Any, resume: bool = True) -> Any:
+    """``medrecon train`` for ``kind: patch``: the ``patch`` options travel beside the training config."""
+    rest = {k: v for k, v in cfg.items() if k != "patch"}
+    return train_patch_prior(rest, volumes, out, patch=cfg.get("patch"), resume=resume)
 
 
 def train_patch_prior(cfg: dict[str, Any], volumes: Sequence[Any], out: Any, patch: dict[str, Any] | None = None,
