@@ -141,9 +141,9 @@ def _train(a: argparse.Namespace) -> int:
     from medrecon.errors import ConfigError
 
     cfg = cfgmod.load(a.config)
-    if a.name not in cfg.get("train", {}):
+    if a.name not in cfg["train"]:
         raise ConfigError(f"No prior named {a.name!r} under 'train' in the config.",
-                          fix=f"add train.{a.name} (known: {sorted(cfg.get('train', {}))}).")
+                          fix=f"add train.{a.name} (known: {sorted(cfg['train'])}).")
     print(train_prior(cfg["train"][a.name], [Path(v) for v in a.volumes], Path(a.out), resume=not a.no_resume))
     return 0
 

@@ -224,6 +224,13 @@ def test_nan_in_a_zarr_volume_is_refused_naming_the_source(tmp_path):
     assert not (tmp_path / "m.zarr").exists()
 
 
+def test_reconstruct_takes_its_seed_and_params_from_the_schema(ct_measurement, tmp_path):
+    """Defaults live in the schema (seed) and the method registration (params); the code adds none of its own."""
+    schema_seed = cfgmod.schema()["properties"]["reconstruct"]["properties"]["seed"]["default"]
+    rec = reconstruct(ct_measurement, tmp_path / "fbp.zarr", "fbp", cfgmod.validate({}))
+    assert rec.meta["provenance"]["seeds"]["reconstruct"] == schema_seed == 2
+
+
 # ------------------------------------------------------------------- measurement geometry vs. the volume
 
 
