@@ -32,7 +32,6 @@ stochastic encoding ``N(sqrt(ab) z0_hat, (1 - ab) I)`` (data end); ``gamma -> 0`
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medrecon.config.options import fill_defaults
 from medrecon.device import pick_device
 from medrecon.diffusion.checkpoint import load_checkpoint
 from medrecon.diffusion.datasets import TrainingDataset, build_slice_dataset
@@ -186,12 +186,8 @@ AE_TRAIN_DEFAULTS: dict[str, Any] = {
 
 def resolve_autoencoder_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in and values checked; unknown keys are a ConfigError."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(AE_TRAIN_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown autoencoder training option(s) {unknown}",
-                          fix=f"valid options: {sorted(AE_TRAIN_DEFAULTS)}")
-    c = {**copy.deepcopy(AE_TRAIN_DEFAULTS), **copy.deepcopy(cfg)}
+    c = fill_defaults(cfg, AE_TRAIN_DEFAULTS, what="autoencoder training option",
+                      where="the study's train.<name> section (kind: autoencoder)")
     checks = [
         (c["kind"] == "autoencoder", "kind must be 'autoencoder'"),
         (c["recon_loss"] in ("l1", "l2"), "recon_loss must be 'l1' or 'l2'"),

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medrecon.config.options import fill_defaults
 from medrecon.diffusion.datasets import TrainingDataset, VolumeSlices
 from medrecon.diffusion.denoiser import Denoiser, sigma_batch
 from medrecon.diffusion.kinds import register_kind
@@ -337,10 +338,7 @@ def crop_image(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
 def resolve_patch_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """PATCH_DEFAULTS filled in and checked; unknown keys are a ConfigError."""
     cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(PATCH_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown patch option(s) {unknown}", fix=f"valid options: {sorted(PATCH_DEFAULTS)}")
-    c = {**PATCH_DEFAULTS, **cfg}
+    c = fill_defaults(cfg, PATCH_DEFAULTS, what="patch option", where="the study's train.<name>.patch section")
     sizes = [int(s) for s in c["patch_sizes"]]
     probs = [float(p) for p in c["patch_probs"]]
     mult = [max(sizes) // s for s in sizes] if c["batch_multipliers"] is None \

@@ -29,7 +29,6 @@ Determinism and resume
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import math
 import os
@@ -45,6 +44,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from medrecon.config.options import fill_defaults
 from medrecon.device import pick_device
 from medrecon.diffusion.checkpoint import KINDS as CHECKPOINT_KINDS
 from medrecon.diffusion.checkpoint import load_resume, resume_path, save_checkpoint, save_resume
@@ -92,11 +92,7 @@ LOG_COLUMNS = ("step", "loss", "lr", "seconds")
 
 def resolve_train_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in and values checked; unknown keys are a ConfigError (typos must not pass silently)."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown training option(s) {unknown}", fix=f"valid options: {sorted(TRAIN_DEFAULTS)}")
-    c = {**copy.deepcopy(TRAIN_DEFAULTS), **copy.deepcopy(cfg)}
+    c = fill_defaults(cfg, TRAIN_DEFAULTS, what="training option", where="the study's train.<name> section")
     checks = [
         (c["loss"] in ("epsilon", "edm"), "loss must be 'epsilon' or 'edm'"),
         (c["kind"] in CHECKPOINT_KINDS, f"kind must be one of {list(CHECKPOINT_KINDS)}"),

@@ -14,7 +14,6 @@ its test; ``tests/recon/test_registry.py`` checks every registered method the sa
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib
 import pkgutil
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from medrecon.config.options import fill_defaults
 from medrecon.errors import ConfigError
 from medrecon.physics.operator import LinearOperator
 
@@ -120,15 +120,8 @@ def validate_params(name: str, params: dict | None) -> dict[str, Any]:
     """The method's parameters: ``params`` over its registered defaults (a copy). The one parameter check of
     every method: a key the method does not have (a typo such as ``iters`` for ``n_iter``) is a
     :class:`ConfigError` naming the method, the key and the allowed keys, before anything runs."""
-    spec = get_method(name)
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(spec.defaults))
-    if unknown:
-        allowed = ", ".join(sorted(spec.defaults)) or "none (the method has no parameters)"
-        raise ConfigError(f"unknown parameter(s) {unknown} for method {name!r}; allowed: {allowed}",
-                          fix=f"correct reconstruct.params.{name} (`medrecon methods` lists every method's "
-                              "parameters and defaults)")
-    return {**copy.deepcopy(spec.defaults), **params}
+    return fill_defaults(params, get_method(name).defaults, what="parameter", context=f" for method {name!r}",
+                         where=f"reconstruct.params.{name} (`medrecon methods` lists every method's parameters)")
 
 
 def register_method(name: str, modalities: tuple[str, ...] = ("CT", "MR"), *, defaults: dict[str, Any],
