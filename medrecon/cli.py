@@ -182,7 +182,7 @@ def _measure(a: argparse.Namespace) -> int:
     from medrecon.device import pick_device
     from medrecon.measure import measure
 
-    print(measure(a.volume, a.out, cfgmod.load(a.config), device=pick_device(a.device)))
+    print(measure(a.volume, a.out, cfgmod.load(a.config), device=pick_device(a.device, "--device")))
     return 0
 
 
