@@ -23,7 +23,7 @@ from medrecon.device import pick_device
 from medrecon.errors import ConfigError, InputError
 from medrecon.measurement import Measurement
 from medrecon.provenance import config_hash, peak_rss_mb, provenance
-from medrecon.recon.registry import MethodSpec, ReconProblem, get_method, load_all, validate_params
+from medrecon.recon.registry import ReconProblem, get_method, validate_params
 from medrecon.recon.slabs import (
     Slab,
     find_slabs,
@@ -37,11 +37,6 @@ from medrecon.recon.slabs import (
 from medrecon.volume import Volume, replace_dir
 
 log = logging.getLogger("medrecon.reconstruct")
-
-def load_methods() -> dict[str, MethodSpec]:
-    """Every registered method by name (:func:`medrecon.recon.registry.load_all`)."""
-    return load_all()
-
 
 def check_prior_grids(paths: list[str | Path], meas: Measurement, method: str) -> None:
     """Refuse a prior trained on another reconstruction grid than the measurement's (:mod:`medrecon.grid`).

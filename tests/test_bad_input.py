@@ -28,8 +28,8 @@ from medrecon.io.phantoms import write_phantom_volume
 from medrecon.measure import measure
 from medrecon.measurement import Measurement, write_measurement
 from medrecon.physics.ct_geometry import CTGeometry, sparse_view_angles
-from medrecon.recon.registry import get_method
-from medrecon.reconstruct import load_methods, reconstruct
+from medrecon.recon.registry import get_method, load_all
+from medrecon.reconstruct import reconstruct
 from medrecon.volume import Geometry, Volume
 
 SHAPE = (4, 32, 32)
@@ -394,7 +394,7 @@ def test_reconstruct_estimate_scales_with_slab_and_halo():
 
 
 def test_every_registered_method_has_a_memory_estimate():
-    assert all(spec.memory_copies > 0 for spec in load_methods().values())
+    assert all(spec.memory_copies > 0 for spec in load_all().values())
     with pytest.raises(ConfigError) as err:
         estimate_reconstruct_mb((4, 8, 8), 0, "magic")
     assert_clear(err.value, "magic", "sirt")
