@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from medrecon.cli import main
 from medrecon.volume import Geometry, Volume
@@ -98,8 +99,6 @@ def test_prior_may_come_before_or_after_the_positionals():
 
 
 def test_missing_positionals_are_a_usage_error(capsys):
-    import pytest
-
     for argv in (["reconstruct", "--method", "fbp"], ["reconstruct", "--method", "dds", "--prior", "p.pt", "m"]):
         with pytest.raises(SystemExit) as err:
             main(argv)
@@ -122,8 +121,6 @@ def test_unknown_method_lists_the_methods(tmp_path, capsys):
 
 
 def test_help_is_plain_text(capsys):
-    import pytest
-
     from medrecon.cli import _VERBS
 
     for argv in [["--help"]] + [[verb, "--help"] for verb in _VERBS]:

@@ -59,7 +59,7 @@ from medrecon.provenance import provenance, to_jsonable
 from medrecon.volume import Volume
 
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "kind": "slice",            # prior kind; datasets exist for: slice
+    "kind": "slice",            # prior kind: one registered in medrecon.diffusion.kinds (slice, slab, patch, ...)
     "modality": None,           # CT | MR; None = taken from the training volumes
     "image_size": None,         # training resolution (square); None = the grid's size (64 off a grid)
     "network": {},              # overrides of networks.network_spec_defaults(kind)
