@@ -9,7 +9,17 @@ Everything the rest of medrecon knows about a method is what its module passes t
 the loader that turns checkpoints into that prior, its parameters with their defaults, and the paper it
 follows. :func:`load_all` imports every module of the method packages (:data:`METHOD_PACKAGES`), so
 adding a method is one module in ``medrecon/methods/`` (diffusion) or ``medrecon/recon/`` (classical) plus
-its test; ``tests/recon/test_registry.py`` checks every registered method the same way.
+its test; ``tests/recon/test_registry.py`` checks every registered method the same way. A module registers
+its method so::
+
+    @register_method("mymethod", modalities=("CT",), defaults={"steps": 50, "samples": 1, "dtype": "float32"},
+                     prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+                     paper="Author et al.: Title, Venue Year", memory_copies=64)
+    def mymethod(problem, params, prior, generator=None) -> ReconResult:
+        ...   # params is complete: the defaults above, overridden by reconstruct.params.mymethod
+
+and from then on it is in ``medrecon methods``, accepted in ``reconstruct.methods`` / ``--method``, its
+parameters are checked, its prior is loaded by ``loader`` and its memory is budgeted.
 """
 
 from __future__ import annotations
