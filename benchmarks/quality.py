@@ -169,7 +169,7 @@ def train_configs(steps: int, device: str) -> dict[str, dict[str, Any]]:
 def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: dict[str, dict[str, list[Path]]]
                  ) -> dict[str, dict[str, Any]]:
     """Train (or reuse) each needed prior; returns {name: {path, seconds, volumes, config}}."""
-    from medrecon.diffusion.train import train_prior
+    from medrecon.diffusion.kinds import train_prior
 
     cfgs = train_configs(steps, device)
     done: dict[str, dict[str, Any]] = {}
@@ -365,9 +365,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_methods(args: argparse.Namespace) -> None:
     """Unknown method names stop the run before any training (one clear message)."""
     from medrecon.errors import ConfigError
-    from medrecon.reconstruct import load_methods
+    from medrecon.recon.registry import load_all
 
-    known = load_methods()
+    known = load_all()
     for name in [*args.methods, *args.mr_methods]:
         if name not in known:
             raise ConfigError(f"benchmarks/quality.py: unknown method {name!r}.",

@@ -6,8 +6,9 @@ read, turns that into one clear error with the slab size that would fit.
 
 The estimates are *working sets of image-sized float32 arrays*: ``slices x Y x X x 4 bytes x copies``, where
 ``slices`` is the slab being processed (slab size plus both halos; the whole depth when slabs are off) and
-``copies`` comes from :data:`COPIES` below. Fixed costs that do not scale with the slab (network weights, the
-CT system matrix, which has its own budget in :mod:`medrecon.physics.ct`) are not included.
+``copies`` is what each method registers (``memory_copies``, :mod:`medrecon.recon.registry`). Fixed costs
+that do not scale with the slab (network weights, the CT system matrix, which has its own budget in
+:mod:`medrecon.physics.ct`) are not included.
 """
 
 from __future__ import annotations
@@ -15,22 +16,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from medrecon.errors import ConfigError, ResourceError
+from medrecon.errors import ResourceError
 from medrecon.volume import default_chunk_depth
 
-# Image-sized float32 copies alive at once, per method. ROUGH UPPER BOUNDS chosen from the algorithms
-# (iterates, residuals, gradients, duals; MR k-space counted for 8 complex coils = 16 float copies), to be
-# replaced by the peak RSS per slice measured by benchmarks/scale.py. Diffusion methods keep the network's
-# activations for every slice of the batch; DPS and the latent methods also keep them for backpropagation.
-COPIES: dict[str, float] = {
-    # CT, classical
-    "fbp": 6, "fdk": 6, "sirt": 8, "cgls": 8, "tv": 14,
-    # MR, classical (SigPy apps per slice: k-space for 8 coils, coil maps, iterates)
-    "zero_filled": 24, "sense": 40, "l1_wavelet": 48, "mri_tv": 48,
-    # diffusion priors (network activations dominate)
-    "dds": 64, "diffusionblend": 64, "diffusionblend++": 64, "padis": 64, "padis3d": 64,
-    "dps": 128, "latent_dps": 128, "resample": 128,
-}
 # Ingest holds one output chunk being written and compressed (2 copies of a chunk of about
 # volume._CHUNK_BYTES, at least one slice) plus the decoded slice in its stored type and as float32.
 INGEST_CHUNK_COPIES = 2
@@ -44,10 +32,14 @@ def _slice_mb(shape_zyx: tuple[int, ...]) -> float:
 
 
 def _copies(method: str) -> float:
-    if method not in COPIES:
-        raise ConfigError(f"No memory estimate for reconstruction method {method!r}.",
-                          fix=f"add it to medrecon.budget.COPIES (known: {', '.join(sorted(COPIES))}).")
-    return COPIES[method]
+    """Image-sized float32 copies alive at once for ``method``: its registered ``memory_copies``. These are
+    ROUGH UPPER BOUNDS chosen from the algorithms (iterates, residuals, gradients, duals; MR k-space counted for
+    8 complex coils = 16 float copies), to be replaced by the peak RSS per slice measured by benchmarks/scale.py;
+    diffusion methods keep the network's activations for every slice of the batch (DPS and the latent methods
+    also for backpropagation)."""
+    from medrecon.recon.registry import get_method
+
+    return get_method(method).memory_copies
 
 
 def estimate_reconstruct_mb(shape_zyx: tuple[int, int, int], slab_size: int | None, method: str,

@@ -1,7 +1,7 @@
-"""The ``medrecon`` command: one verb per workflow rule, so every step runs (and is tested) without Snakemake.
+"""The medrecon command: one verb per workflow rule, so every step runs (and is tested) without Snakemake.
 
 Errors caused by input or configuration print one line (``medrecon: error: ...``) and exit with status 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. Help texts are plain text (no reStructuredText markup).
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -135,13 +137,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @_train_args.run
 def _train(a: argparse.Namespace) -> int:
     from medrecon import config as cfgmod
-    from medrecon.diffusion.train import train_prior
+    from medrecon.diffusion.kinds import train_prior
     from medrecon.errors import ConfigError
 
     cfg = cfgmod.load(a.config)
-    if a.name not in cfg.get("train", {}):
+    if a.name not in cfg["train"]:
         raise ConfigError(f"No prior named {a.name!r} under 'train' in the config.",
-                          fix=f"add train.{a.name} (known: {sorted(cfg.get('train', {}))}).")
+                          fix=f"add train.{a.name} (known: {sorted(cfg['train'])}).")
     print(train_prior(cfg["train"][a.name], [Path(v) for v in a.volumes], Path(a.out), resume=not a.no_resume))
     return 0
 
@@ -177,24 +179,48 @@ def _measure_args(p: argparse.ArgumentParser) -> None:
 @_measure_args.run
 def _measure(a: argparse.Namespace) -> int:
     from medrecon import config as cfgmod
+    from medrecon.device import pick_device
     from medrecon.measure import measure
-    from medrecon.reconstruct import pick_device
 
-    print(measure(a.volume, a.out, cfgmod.load(a.config), device=pick_device(a.device)))
+    print(measure(a.volume, a.out, cfgmod.load(a.config), device=pick_device(a.device, "--device")))
     return 0
 
 
 # ----------------------------------------------------------------------------------------- reconstruct
 @verb("reconstruct", "reconstruct a measurement with one registered method (classical or diffusion)")
 def _reconstruct_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("measurement", help="measurement store (.zarr)")
-    p.add_argument("out", help="output volume (.zarr); posterior std (several samples) goes to OUT/std")
-    p.add_argument("--method", required=True, help="method name, e.g. fbp, sirt, tv, sense, dps, dds")
-    p.add_argument("--prior", nargs="+", help="prior checkpoint(s) for diffusion methods (ReSample: autoencoder "
-                   "then latent prior)")
+    p.usage = ("medrecon reconstruct MEASUREMENT OUT --method NAME [--prior CKPT [CKPT ...]] [--part I/N] "
+               "[--config CONFIG]")
+    # Optional in argparse's eyes only: a --prior list given before them takes them (nargs="+" is greedy), and
+    # _positionals_after_prior gives them back.
+    p.add_argument("measurement", nargs="?", metavar="MEASUREMENT", help="measurement store (.zarr)")
+    p.add_argument("out", nargs="?", metavar="OUT",
+                   help="output volume (.zarr); posterior std (several samples) goes to OUT/std")
+    p.add_argument("--method", required=True, metavar="NAME",
+                   help="registered method (`medrecon methods` lists them: fbp, sirt, tv, cgls, sense, dds, dps, ...)")
+    p.add_argument("--prior", nargs="+", action="extend", metavar="CKPT",
+                   help="prior checkpoint(s) for diffusion methods (ReSample: autoencoder then latent prior); "
+                        "may come before or after the positional arguments, or be repeated")
     p.add_argument("--part", type=_part, help="I/N: reconstruct only job I (0-based) of N over the slab plan "
                    "(reconstruct.slab); OUT is then a folder of slab volumes for `medrecon gather`")
     _config_arg(p)
+    p.set_defaults(_after_parse=lambda a: _positionals_after_prior(a, p))
+
+
+def _positionals_after_prior(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """``--prior A B MEAS OUT``: argparse's greedy ``nargs="+"`` puts the positionals in the prior list; the
+    positionals that are missing are the last items of that list, in order (so after a --prior list placed
+    before them, the positionals come next, before any other option)."""
+    missing = [name for name in ("measurement", "out") if getattr(a, name) is None]
+    if not missing:
+        return
+    priors = list(a.prior or [])
+    if len(priors) <= len(missing):
+        p.error(f"the following arguments are required: {', '.join(m.upper() for m in missing)}")
+    taken = priors[len(priors) - len(missing):]
+    a.prior = priors[: len(priors) - len(missing)]
+    for name, value in zip(missing, taken, strict=True):
+        setattr(a, name, value)
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -210,7 +236,10 @@ def _part(text: str) -> tuple[int, int]:
 @_reconstruct_args.run
 def _reconstruct(a: argparse.Namespace) -> int:
     from medrecon import config as cfgmod
+    from medrecon.recon.registry import get_method
     from medrecon.reconstruct import reconstruct
+
+    get_method(a.method)      # an unknown name fails first, listing the registered methods
 
     out = reconstruct(a.measurement, a.out, a.method, cfgmod.load(a.config), prior_path=a.prior, part=a.part)
     print(getattr(out, "path", out))
@@ -270,23 +299,108 @@ def _report(a: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- methods
+@verb("methods", "list every registered reconstruction method: modalities, prior kind, parameters, paper")
+def _methods_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON (one object per method) instead of a table")
+
+
+def method_rows() -> list[dict]:
+    """One dict per registered method (what ``medrecon methods --json`` prints), classical methods first."""
+    from medrecon.recon.registry import load_all
+
+    rows = []
+    for spec in sorted(load_all().values(), key=lambda s: (s.prior is not None, s.modalities, s.name)):
+        loader = spec.loader if spec.loader is None or isinstance(spec.loader, str) \
+            else f"{spec.loader.__module__}:{spec.loader.__qualname__}"
+        rows.append({"name": spec.name, "modalities": list(spec.modalities), "prior": spec.prior,
+                     "loader": loader, "init": spec.init, "parameters": spec.defaults, "paper": spec.paper,
+                     "memory_copies": spec.memory_copies, "module": spec.module})
+    return rows
+
+
+def format_methods(rows: list[dict], width: int = 110) -> str:
+    """The plain-text table of :func:`method_rows`: one aligned line per method, its parameters
+    (``name=default``) and paper indented below it."""
+    head = ("METHOD", "MODALITY", "PRIOR", "INIT")
+    cells = [(r["name"], "/".join(r["modalities"]), r["prior"] or "-", r["init"] or "-") for r in rows]
+    widths = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*head).rstrip()]
+    for r, c in zip(rows, cells, strict=True):
+        out.append(line.format(*c).rstrip())
+        params = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(r["parameters"].items())) or "(none)"
+        out += textwrap.wrap(params, width, initial_indent="    parameters: ", subsequent_indent=" " * 16,
+                             break_on_hyphens=False)
+        out += textwrap.wrap(r["paper"], width, initial_indent="    paper: ", subsequent_indent=" " * 11)
+    return "\n".join(out)
+
+
+@_methods_args.run
+def _methods(a: argparse.Namespace) -> int:
+    rows = method_rows()
+    print(json.dumps(rows, indent=1) if a.json else format_methods(rows))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
+def plain(text: str) -> str:
+    """Help text without reStructuredText markup: ``code`` and :role:`x` lose their markup, a command in
+    single backticks (`medrecon gather`) is quoted ('medrecon gather')."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return re.sub(r"`([^`]+)`", r"'\1'", text)
+
+
+# Third-party loggers that stay at WARNING whatever -v says (font lists, codec registrations).
+QUIET_LOGGERS = ("matplotlib", "PIL", "numcodecs", "fsspec", "asyncio", "urllib3", "h5py", "numba", "jax")
+
+
+def setup_logging(verbose: int, quiet: bool = False) -> None:
+    """medrecon's own messages at INFO by default (what a job log holds: progress, what was read and written),
+    DEBUG with -v, and with -vv also the libraries' DEBUG messages; -q: warnings only. Libraries log at
+    WARNING below -vv, and the noisy ones in :data:`QUIET_LOGGERS` always do."""
+    own = logging.WARNING if quiet else logging.INFO if verbose == 0 else logging.DEBUG
+    root = logging.DEBUG if verbose >= 2 and not quiet else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(root)
+    logging.getLogger("medrecon").setLevel(own)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _log_args(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="more log output: -v debug messages of medrecon, -vv also of the libraries "
+                        "(default: medrecon's progress and info messages)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default if default is argparse.SUPPRESS else False,
+                   help="log warnings and errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medrecon", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="medrecon", description=plain(__doc__.splitlines()[0]))
     parser.add_argument("--version", action="version", version=f"medrecon {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="verb", required=True)
+    _log_args(parser, 0)
+    # -v / -q after the verb too (SUPPRESS: a verb that does not get them keeps the values given before it)
+    log_parent = argparse.ArgumentParser(add_help=False)
+    _log_args(log_parent, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (add_args, run) in _VERBS.items():
-        p = sub.add_parser(name, help=run.help, description=run.help)  # type: ignore[attr-defined]
+        text = plain(run.help)  # type: ignore[attr-defined]
+        p = sub.add_parser(name, help=text, description=text, parents=[log_parent])
         add_args(p)
+        for action in p._actions:
+            if action.help and action.help is not argparse.SUPPRESS:
+                action.help = plain(action.help)
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    if getattr(args, "_after_parse", None) is not None:
+        args._after_parse(args)
+    setup_logging(args.verbose, args.quiet)
     try:
         return int(args._run(args) or 0)
     except MedreconError as err:

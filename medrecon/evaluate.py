@@ -48,7 +48,7 @@ def check_same_volume(reference: Volume, rec: Volume) -> None:
     """Refuse to score a reconstruction against a volume other than the one its measurement was made from.
 
     Different grids are always refused; on the same grid the measurement's ``reference_fingerprint`` (see
-    :func:`medrecon.measure.volume_fingerprint`) must match the reference's, when the measurement is there.
+    :func:`medrecon.volume.volume_fingerprint`) must match the reference's, when the measurement is there.
     """
     meas = source_measurement(rec)
     origin = (f" It was reconstructed from measurement {meas.path}, made from volume "

@@ -79,7 +79,7 @@ def measure_ct(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: t
     op = ct_operator(geom)
     per_slice = _per_slice(op, vol.shape)
     y_shape = (vol.shape[0], *op.out_shape) if per_slice else tuple(op.out_shape)
-    i0, e_std = ct.get("I0"), float(ct.get("electronic_std", 0.0))
+    i0, e_std = ct["I0"], float(ct["electronic_std"])
     noise = (noise_record("ct_poisson", seed=seed, I0=i0, electronic_std=e_std) if i0 else {"model": "none"})
     meta = _meta(vol, cfg, seed, noise, units="line integral (mu [1/mm] x mm)",
                  operator_units={"image": "mu [1/mm]", "mu_water": float(ct["mu_water"])})
@@ -105,7 +105,7 @@ def measure_mr(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: t
         return _measure_mr_whole(vol, out, cfg, op, seed)
     # Two passes so the noise level, set by the whole acquisition's signal rms (physics.noise: SNR =
     # rms|signal| / sigma over acquired samples), does not depend on how the volume is cut into slabs.
-    snr_db = mr.get("snr_db")
+    snr_db = mr["snr_db"]
     noise: dict[str, Any] = {"model": "none"}
     if snr_db is not None:
         power, count = 0.0, 0
@@ -136,7 +136,7 @@ def _measure_mr_whole(vol: Volume, out: Path, cfg: dict[str, Any], op: LinearOpe
     mr = cfg["measure"]["mr"]
     k = simulate_kspace(_finite(vol, 0, vol.read()), op, smooth_phase(vol.shape, seed))
     noise = {"model": "none"}
-    if mr.get("snr_db") is not None:
+    if mr["snr_db"] is not None:
         k, sigma, rec = mri_gaussian_noise(k, float(mr["snr_db"]), seed=seed, mask=(k != 0))
         noise = {**rec, "std": sigma}
     rec_op = calibrated_operator(mr, op, k)

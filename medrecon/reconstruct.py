@@ -9,7 +9,6 @@ attributes so the evaluate step reads them from the job's own record.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 import time
@@ -20,10 +19,11 @@ import numpy as np
 import torch
 
 from medrecon.budget import check_memory_budget
-from medrecon.errors import ConfigError, DeviceError, InputError
+from medrecon.device import pick_device
+from medrecon.errors import ConfigError, InputError
 from medrecon.measurement import Measurement
 from medrecon.provenance import config_hash, peak_rss_mb, provenance
-from medrecon.recon.registry import METHOD_INIT, METHOD_MODALITIES, METHODS, ReconProblem
+from medrecon.recon.registry import ReconProblem, get_method, load_all, validate_params
 from medrecon.recon.slabs import (
     Slab,
     find_slabs,
@@ -37,42 +37,6 @@ from medrecon.recon.slabs import (
 from medrecon.volume import Volume, replace_dir
 
 log = logging.getLogger("medrecon.reconstruct")
-
-# Modules that register methods when imported (one method per file, see design.md).
-_METHOD_MODULES = (
-    "medrecon.recon.classical", "medrecon.recon.ct_fbp", "medrecon.recon.mri_classical",
-    "medrecon.methods.dps", "medrecon.methods.dds", "medrecon.methods.diffusionblend", "medrecon.methods.padis",
-    "medrecon.methods.resample",
-)
-
-# Which loader turns a checkpoint into the prior a method expects (default: a whole-slice prior).
-_PRIOR_LOADERS = {
-    "padis": "medrecon.diffusion.patches:patch_prior_from_checkpoint",
-    "padis3d": "medrecon.diffusion.patches:patch_prior_from_checkpoint",
-    "diffusionblend": "medrecon.diffusion.slab_data:slab_prior_from_checkpoint",
-    "diffusionblend++": "medrecon.diffusion.slab_data:slab_prior_from_checkpoint",
-    # ReSample: two checkpoints, the autoencoder and the latent prior trained on it
-    "resample": "medrecon.diffusion.latent:load_latent_prior",
-    "latent_dps": "medrecon.diffusion.latent:load_latent_prior",
-}
-_DEFAULT_PRIOR_LOADER = "medrecon.diffusion.checkpoint:prior_from_checkpoint"
-
-
-def prior_loader(method: str):
-    module, _, name = _PRIOR_LOADERS.get(method, _DEFAULT_PRIOR_LOADER).partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def load_methods() -> dict:
-    """Import every method module that exists so the registry is complete."""
-    for name in _METHOD_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-    return METHODS
-
 
 def check_prior_grids(paths: list[str | Path], meas: Measurement, method: str) -> None:
     """Refuse a prior trained on another reconstruction grid than the measurement's (:mod:`medrecon.grid`).
@@ -120,16 +84,6 @@ def _rescale_per_volume_prior(prior: Any, meas: Measurement, stats: VolumeStats)
              norm["percentile"], value, norm.get("value") or float("nan"))
     return {"value": value, "from": f"{norm['percentile']}th percentile of |A^H y| of this measurement",
             "training_median": norm.get("value")}
-
-
-def pick_device(setting: str) -> torch.device:
-    """'auto' → CUDA when available else CPU; 'cuda' on a machine without one is a clear error."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("reconstruct.device is 'cuda' but this machine has no CUDA GPU.",
-                          fix="set reconstruct.device: auto (or cpu), or run on a GPU node.")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def to_output_units(samples: torch.Tensor, measurement: Measurement) -> np.ndarray:
@@ -193,7 +147,7 @@ def _initial_image(method: str, params: dict, problem: ReconProblem, per_slice: 
     parameters of that method (``all_params[name]``, i.e. reconstruct.params), is the start (a warm start, as
     CCDF / SDEdit-style samplers use it); None or "none": no start.
     """
-    mode = METHOD_INIT.get(method)
+    mode = get_method(method).init
     if mode == "fbp":
         if problem.modality != "CT" or not per_slice:
             return None
@@ -204,18 +158,12 @@ def _initial_image(method: str, params: dict, problem: ReconProblem, per_slice: 
     if mode != "param" or params.get("init") in (None, "none"):
         return None
     name = str(params["init"])
-    methods = load_methods()
-    if name not in methods or METHOD_INIT.get(name) == "param" or name not in _classical_methods(problem.modality):
+    starts = sorted(m for m, spec in load_all().items() if spec.prior is None and problem.modality in spec.modalities)
+    if name not in starts:
         raise ConfigError(f"{method}: init {name!r} is not a classical {problem.modality} method",
-                          fix=f"use one of {sorted(_classical_methods(problem.modality))} or none")
+                          fix=f"use one of {starts} or none")
     with torch.no_grad():
-        return methods[name](problem, dict((all_params or {}).get(name, {})), None, None).samples[0]
-
-
-def _classical_methods(modality: str) -> set[str]:
-    """Registered methods of ``modality`` that take no prior (the possible warm starts): those of medrecon.recon."""
-    return {m for m, fn in load_methods().items()
-            if modality in METHOD_MODALITIES.get(m, ()) and getattr(fn, "__module__", "").startswith("medrecon.recon.")}
+        return get_method(name).run(problem, dict((all_params or {}).get(name, {})), None, None).samples[0]
 
 
 def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, device: torch.device,
@@ -249,7 +197,7 @@ def _solve(method: str, problem: ReconProblem, params: dict, prior: Any, generat
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = load_methods()[method](problem, params, prior, generator)
+    result = get_method(method).run(problem, params, prior, generator)
     runtime = time.perf_counter() - t0
     mean = result.samples.mean(dim=0)
     y_core = problem.y[core]
@@ -295,30 +243,31 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
     the blended volume is written, so an interrupted job resumes from its last finished slab. With
     ``part=(i, n)`` only job i of n runs and ``out`` is a folder of slab volumes for :func:`gather_parts`.
     """
-    methods = load_methods()
-    if method not in methods:
-        raise ConfigError(f"Unknown reconstruction method {method!r}.",
-                          fix=f"use one of: {', '.join(sorted(methods))}.")
+    spec = get_method(method)
     meas = Measurement.open(measurement_path)
-    if meas.modality not in METHOD_MODALITIES[method]:
+    if meas.modality not in spec.modalities:
         raise ConfigError(f"Method {method!r} does not apply to {meas.modality} data ({measurement_path}).",
-                          fix=f"list it under reconstruct.methods.{METHOD_MODALITIES[method][0]} instead.")
+                          fix=f"list it under reconstruct.methods.{spec.modalities[0]} instead.")
     rcfg = config["reconstruct"]
-    params = dict(rcfg.get("params", {}).get(method, {}))
+    params = dict(rcfg["params"].get(method, {}))
+    validate_params(method, params)       # a typo in the config fails here, before any prior is loaded
     settings = slab_settings(rcfg)
-    device = pick_device(rcfg.get("device", "auto"))
-    seed = int(rcfg.get("seed", 0))
+    device = pick_device(rcfg["device"], "reconstruct.device")
+    seed = int(rcfg["seed"])
     op = meas.operator(device)
     per_slice = len(op.in_shape) == 2
     plan = plan_slabs(meas.image_shape[0], settings["size"], settings["halo"], per_slice)
     whole = len(plan) == 1
     check_memory_budget(measurement_path, meas.image_shape, 0 if whole else settings["size"], method,
-                        config.get("memory_mb"), halo=0 if whole else settings["halo"])
+                        config["memory_mb"], halo=0 if whole else settings["halo"])
     paths = [] if prior_path is None else [prior_path] if isinstance(prior_path, str | Path) else list(prior_path)
     prior = None
     if paths:
         check_prior_grids(paths, meas, method)
-        load = prior_loader(method)
+        if spec.loader is None:
+            raise ConfigError(f"Method {method!r} takes no prior, but prior(s) {', '.join(map(str, paths))} "
+                              "were given.", fix=f"drop the prior for {method!r} (reconstruct.priors, --prior).")
+        load = spec.load_prior()
         # Methods work in the operator's image domain: attenuation (1/mm) for CT, the native image for MR.
         if meas.modality == "CT":
             prior = load(*paths, device=device, expect_modality="CT", image_units="attenuation",
@@ -355,7 +304,7 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
             log.info("%s: slab %d already finished (%s)", method, slab.index, target)
             continue
         problem = _slab_problem(meas, op, slab, per_slice, device, stats if len(plan) > 1 else None, method,
-                                params, rcfg.get("params", {}))
+                                params, rcfg["params"])
         core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
         result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),
                                 device, core)

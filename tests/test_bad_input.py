@@ -14,7 +14,7 @@ import torch
 import zarr
 
 from medrecon import config as cfgmod
-from medrecon.budget import COPIES, check_ingest_budget, check_memory_budget, estimate_reconstruct_mb
+from medrecon.budget import check_ingest_budget, check_memory_budget, estimate_reconstruct_mb
 from medrecon.cli import main
 from medrecon.diffusion.checkpoint import content_hash, load_checkpoint, save_checkpoint
 from medrecon.diffusion.networks import build_unet, tiny_network_spec
@@ -28,7 +28,8 @@ from medrecon.io.phantoms import write_phantom_volume
 from medrecon.measure import measure
 from medrecon.measurement import Measurement, write_measurement
 from medrecon.physics.ct_geometry import CTGeometry, sparse_view_angles
-from medrecon.reconstruct import load_methods, reconstruct
+from medrecon.recon.registry import get_method, load_all
+from medrecon.reconstruct import reconstruct
 from medrecon.volume import Geometry, Volume
 
 SHAPE = (4, 32, 32)
@@ -223,6 +224,13 @@ def test_nan_in_a_zarr_volume_is_refused_naming_the_source(tmp_path):
     assert not (tmp_path / "m.zarr").exists()
 
 
+def test_reconstruct_takes_its_seed_and_params_from_the_schema(ct_measurement, tmp_path):
+    """Defaults live in the schema (seed) and the method registration (params); the code adds none of its own."""
+    schema_seed = cfgmod.schema()["properties"]["reconstruct"]["properties"]["seed"]["default"]
+    rec = reconstruct(ct_measurement, tmp_path / "fbp.zarr", "fbp", cfgmod.validate({}))
+    assert rec.meta["provenance"]["seeds"]["reconstruct"] == schema_seed == 2
+
+
 # ------------------------------------------------------------------- measurement geometry vs. the volume
 
 
@@ -376,7 +384,7 @@ def test_checkpoint_with_another_ct_window_than_expected(tmp_path):
 
 
 def test_reconstruct_estimate_scales_with_slab_and_halo():
-    per_slice = 256 * 256 * 4 / 2**20 * COPIES["sirt"]
+    per_slice = 256 * 256 * 4 / 2**20 * get_method("sirt").memory_copies
     assert estimate_reconstruct_mb((100, 256, 256), 0, "sirt") == pytest.approx(100 * per_slice)
     assert estimate_reconstruct_mb((100, 256, 256), None, "sirt") == pytest.approx(100 * per_slice)
     assert estimate_reconstruct_mb((100, 256, 256), 10, "sirt") == pytest.approx(10 * per_slice)
@@ -386,10 +394,10 @@ def test_reconstruct_estimate_scales_with_slab_and_halo():
 
 
 def test_every_registered_method_has_a_memory_estimate():
-    assert set(load_methods()) <= set(COPIES)
+    assert all(spec.memory_copies > 0 for spec in load_all().values())
     with pytest.raises(ConfigError) as err:
         estimate_reconstruct_mb((4, 8, 8), 0, "magic")
-    assert_clear(err.value, "magic", "COPIES")
+    assert_clear(err.value, "magic", "sirt")
 
 
 @pytest.mark.parametrize("halo", [0, 3])

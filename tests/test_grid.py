@@ -8,8 +8,8 @@ import pytest
 
 from medrecon import config as cfgmod
 from medrecon.diffusion.checkpoint import read_grid
+from medrecon.diffusion.kinds import train_prior
 from medrecon.diffusion.networks import tiny_network_spec
-from medrecon.diffusion.train import train_prior
 from medrecon.errors import ConfigError, InputError
 from medrecon.grid import describe, plan_grid, resample, resample_slab, resolve_grid, same_grid
 from medrecon.measure import measure

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from medrecon import config as cfgmod
+from medrecon.diffusion.kinds import train_prior
 from medrecon.diffusion.networks import tiny_network_spec
 from medrecon.diffusion.normalisation import percentile_value
-from medrecon.diffusion.train import train_prior
 from medrecon.io.phantoms import write_phantom_volume
 from medrecon.measure import measure
 from medrecon.reconstruct import reconstruct

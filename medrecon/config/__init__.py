@@ -21,6 +21,10 @@ from medrecon.errors import ConfigError
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 
 
+# A subject input that is generated, not read: ``phantom:<kind>[,key=value...]`` (see medrecon.io.ingest).
+PHANTOM_PREFIX = "phantom:"
+
+
 def schema() -> dict[str, Any]:
     with open(SCHEMA_PATH) as f:
         return yaml.safe_load(f)
@@ -93,8 +97,6 @@ def check_subject_inputs(subjects: list[dict[str, Any]], base: str | Path | None
     and the user with stale results. Relative paths are taken from ``base`` (default: the working directory,
     which Snakemake sets to the workflow directory). Generated inputs (``phantom:...``) are not paths.
     """
-    from medrecon.io.ingest import PHANTOM_PREFIX
-
     root = Path.cwd() if base is None else Path(base)
     missing = []
     for subject in subjects:

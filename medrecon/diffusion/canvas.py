@@ -24,7 +24,7 @@ instead and lets the sampler's own update make the noise:
 The DDIM / DDPM update then re-noises the padded region with the noise estimate ``eps_hat = (x_t - sqrt(ab)
 b) / sqrt(1 - ab)``, which there *is* the state's own noise: the padded region of ``x_t`` stays an exact
 noisy background at every step, and the network always sees in-distribution input. Padding is done in
-one place, :class:`medrecon.methods.dps.SliceLayout`, which DDS, DPS, DiffusionBlend and the latent
+one place, :class:`medrecon.methods.sampling.SliceLayout`, which DDS, DPS, DiffusionBlend and the latent
 samplers share; patch priors (PaDIS) tile any size instead (:mod:`medrecon.diffusion.patches`).
 """
 

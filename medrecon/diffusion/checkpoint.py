@@ -43,6 +43,8 @@ from medrecon.errors import ConfigError, InputError
 
 FORMAT = "medrecon-prior/1"
 RESUME_FORMAT = "medrecon-resume/1"
+# The kinds a checkpoint file may declare: exactly the registered training kinds (medrecon.diffusion.kinds;
+# tests/recon/test_registry.py checks they agree). Kept here as data so reading a checkpoint imports no trainer.
 KINDS = ("slice", "slab", "patch", "autoencoder", "latent")
 OBJECTIVES = ("epsilon", "edm", "autoencoder")
 REQUIRED = ("format", "kind", "modality", "objective", "network", "schedule", "sigma_data", "normalisation",

@@ -36,7 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medrecon.diffusion.normalisation import background, percentile_value, to_network, validate_normalisation
+from medrecon.diffusion.normalisation import (
+    background,
+    default_normalisation,
+    percentile_value,
+    to_network,
+    validate_normalisation,
+)
 from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import file_sha256
 from medrecon.volume import Volume
@@ -350,4 +356,20 @@ def toy_discs(n: int, size: int, seed: int = 0, max_discs: int = 3) -> np.ndarra
     return out
 
 
-DATASETS: dict[str, type[TrainingDataset]] = {"slice": SliceDataset}
+def build_slice_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume]
+                        ) -> tuple[SliceDataset, str, dict[str, Any]]:
+    """The slice dataset of a resolved training config (:func:`medrecon.diffusion.train.resolve_train_config`)
+    from volume stores, with its modality and fitted normalisation: what the slice, slab and latent kinds read."""
+    vols = [v if isinstance(v, Volume) else Volume.open(v) for v in volumes]
+    if not vols:
+        raise ConfigError("no training volumes given", fix="give at least one subject with role 'train'")
+    modality = cfg["modality"] or vols[0].modality
+    if modality not in ("CT", "MR"):
+        raise InputError(f"training volume {vols[0].path} has no CT/MR modality ({modality!r})",
+                         path=vols[0].path, fix="set the subject's modality and re-ingest, or train.modality")
+    source = VolumeSlices(vols, modality, cache_bytes=cfg["cache_mb"] << 20)
+    norm, per_volume = fit_normalisation(cfg["normalisation"] or default_normalisation(modality), source)
+    channels = int(cfg["network"].get("in_channels", 1))
+    ds = SliceDataset(source, norm, cfg["image_size"], channels=channels, fit=cfg["fit"], flips=cfg["flips"],
+                      random_phase=cfg["random_phase"], volume_values=per_volume)
+    return ds, modality, norm

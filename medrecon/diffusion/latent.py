@@ -32,7 +32,6 @@ stochastic encoding ``N(sqrt(ab) z0_hat, (1 - ab) I)`` (data end); ``gamma -> 0`
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +42,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medrecon.config.options import fill_defaults
+from medrecon.device import pick_device
 from medrecon.diffusion.checkpoint import load_checkpoint
-from medrecon.diffusion.datasets import TrainingDataset
+from medrecon.diffusion.datasets import TrainingDataset, build_slice_dataset
 from medrecon.diffusion.denoiser import EpsilonDenoiser, Prior
+from medrecon.diffusion.kinds import register_kind
 from medrecon.diffusion.networks import build_autoencoder, resolve_autoencoder_spec
 from medrecon.diffusion.normalisation import prior_affine, validate_normalisation
 from medrecon.diffusion.schedules import VPSchedule
@@ -53,8 +55,6 @@ from medrecon.diffusion.train import (
     TrainingTask,
     TrainResult,
     _seed,
-    build_dataset,
-    pick_device,
     resolve_train_config,
     run_training,
     train,
@@ -150,7 +150,7 @@ class LatentCodec:
             raise InputError(f"slices of {height}x{width} pixels cannot be encoded by an autoencoder that "
                              f"downsamples by {f}", path=path,
                              fix=f"pad the slices to multiples of {f} with the background first (the samplers "
-                                 "do: medrecon.methods.dps.SliceLayout with multiple=factor)")
+                                 "do: medrecon.methods.sampling.SliceLayout with multiple=factor)")
         return self.latent_channels, height // f, width // f
 
 
@@ -186,12 +186,8 @@ AE_TRAIN_DEFAULTS: dict[str, Any] = {
 
 def resolve_autoencoder_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in and values checked; unknown keys are a ConfigError."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(AE_TRAIN_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown autoencoder training option(s) {unknown}",
-                          fix=f"valid options: {sorted(AE_TRAIN_DEFAULTS)}")
-    c = {**copy.deepcopy(AE_TRAIN_DEFAULTS), **copy.deepcopy(cfg)}
+    c = fill_defaults(cfg, AE_TRAIN_DEFAULTS, what="autoencoder training option",
+                      where="the study's train.<name> section (kind: autoencoder)")
     checks = [
         (c["kind"] == "autoencoder", "kind must be 'autoencoder'"),
         (c["recon_loss"] in ("l1", "l2"), "recon_loss must be 'l1' or 'l2'"),
@@ -309,9 +305,10 @@ def _slice_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume], 
     slice_cfg = resolve_train_config({k: cfg[k] for k in ("modality", "image_size", "normalisation", "fit",
                                                           "flips", "random_phase", "cache_mb")}
                                      | {"kind": "slice", "network": {"in_channels": channels}})
-    return build_dataset(slice_cfg, volumes)
+    return build_slice_dataset(slice_cfg, volumes)
 
 
+@register_kind("autoencoder", "KL autoencoder of slices (the latent space of ReSample and latent DPS)")
 def train_autoencoder_prior(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume], out: str | Path,
                             resume: bool = True) -> Path:
     """``medrecon train`` for ``kind: autoencoder``: slices of ``volumes`` -> autoencoder checkpoint ``out``."""
@@ -385,7 +382,7 @@ def train_latent_prior(cfg: dict[str, Any], volumes: Sequence[str | Path | Volum
     if c["loss"] != "epsilon":
         raise ConfigError(f"a latent prior is trained with loss 'epsilon' (ReSample samples by DDIM), got "
                           f"{c['loss']!r}", fix="set train.loss: epsilon for kind latent")
-    device = pick_device(c["device"])
+    device = pick_device(c["device"], "train.device")
     lp, codec = load_codec(autoencoder, device)
     if isinstance(volumes, TrainingDataset):
         if modality is None or normalisation is None:
@@ -407,6 +404,18 @@ def train_latent_prior(cfg: dict[str, Any], volumes: Sequence[str | Path | Volum
                          device=device)
     c["image_size"] = data.image_size
     return train(c, data, out, modality=modality, normalisation=lp.normalisation, resume=resume)
+
+
+@register_kind("latent", "diffusion prior on an autoencoder's latents (train.<name>.autoencoder): ReSample")
+def train_latent_kind(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume], out: str | Path,
+                      resume: bool = True) -> Path:
+    """``medrecon train`` for ``kind: latent``: :func:`train_latent_prior` on the autoencoder checkpoint named
+    in ``cfg["autoencoder"]``."""
+    if not cfg.get("autoencoder"):
+        raise ConfigError("a latent prior needs the autoencoder checkpoint it is trained on",
+                          fix="set train.<name>.autoencoder to the name of the autoencoder prior")
+    rest = {k: v for k, v in cfg.items() if k != "autoencoder"}
+    return Path(train_latent_prior(rest, volumes, cfg["autoencoder"], out, resume=resume).checkpoint)
 
 
 @dataclass

@@ -50,8 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from medrecon.config.options import fill_defaults
 from medrecon.diffusion.datasets import TrainingDataset, VolumeSlices, phase_mode, training_phase
 from medrecon.diffusion.denoiser import Denoiser, sigma_batch
+from medrecon.diffusion.kinds import register_kind
 from medrecon.diffusion.normalisation import background, to_network, validate_normalisation
 from medrecon.errors import ConfigError
 
@@ -336,10 +338,7 @@ def crop_image(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
 def resolve_patch_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """PATCH_DEFAULTS filled in and checked; unknown keys are a ConfigError."""
     cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(PATCH_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown patch option(s) {unknown}", fix=f"valid options: {sorted(PATCH_DEFAULTS)}")
-    c = {**PATCH_DEFAULTS, **cfg}
+    c = fill_defaults(cfg, PATCH_DEFAULTS, what="patch option", where="the study's train.<name>.patch section")
     sizes = [int(s) for s in c["patch_sizes"]]
     probs = [float(p) for p in c["patch_probs"]]
     mult = [max(sizes) // s for s in sizes] if c["batch_multipliers"] is None \
@@ -525,6 +524,13 @@ class PatchDataset(TrainingDataset):
 
 
 # ---------------------------------------------------------------------------------------------- train / load
+
+
+@register_kind("patch", "patches with coordinate channels (train.<name>.patch; depth 3 for padis3d): PaDIS")
+def _train_patch_kind(cfg: dict[str, Any], volumes: Sequence[Any], out: Any, resume: bool = True) -> Any:
+    """``medrecon train`` for ``kind: patch``: the ``patch`` options travel beside the training config."""
+    rest = {k: v for k, v in cfg.items() if k != "patch"}
+    return train_patch_prior(rest, volumes, out, patch=cfg.get("patch"), resume=resume)
 
 
 def train_patch_prior(cfg: dict[str, Any], volumes: Sequence[Any], out: Any, patch: dict[str, Any] | None = None,

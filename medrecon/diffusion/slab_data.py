@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 from medrecon.diffusion.checkpoint import load_checkpoint
-from medrecon.diffusion.datasets import SliceDataset, TrainingDataset, _flip, training_phase
+from medrecon.diffusion.datasets import SliceDataset, TrainingDataset, _flip, build_slice_dataset, training_phase
 from medrecon.diffusion.denoiser import EDMDenoiser, EpsilonDenoiser, Prior
+from medrecon.diffusion.kinds import register_kind
 from medrecon.diffusion.normalisation import prior_affine
 from medrecon.diffusion.schedules import VPSchedule
+from medrecon.diffusion.train import resolve_train_config, train
 from medrecon.errors import ConfigError, InputError
 from medrecon.volume import Volume
 
@@ -130,15 +132,22 @@ def build_slab_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volum
                        stride: int = DEFAULT_STRIDE) -> tuple[SlabDataset, str, dict[str, Any]]:
     """The slab dataset for a resolved training config (``kind: slab``): slices as the slice prior reads them.
 
-    ``medrecon train`` reaches this through ``train.build_dataset`` (the stride is then the default 3).
+    ``medrecon train`` reaches this through :func:`train_slab_prior` (the stride is then the default 3).
     """
-    from medrecon.diffusion.train import build_dataset
-
     net_channels = int(cfg["network"].get("in_channels", SLAB))
     per_slice = slice_channels(net_channels)
     slice_cfg = {**cfg, "kind": "slice", "network": {**cfg["network"], "in_channels": per_slice}}
-    slices, modality, norm = build_dataset(slice_cfg, volumes)
+    slices, modality, norm = build_slice_dataset(slice_cfg, volumes)
     return SlabDataset(slices, stride), modality, norm
+
+
+@register_kind("slab", "3 slices as channels with a spacing label: the prior of DiffusionBlend")
+def train_slab_prior(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume], out: str | Path,
+                     resume: bool = True) -> Path:
+    """``medrecon train`` for ``kind: slab``: the slab dataset of ``volumes`` through the training loop."""
+    c = resolve_train_config(cfg)
+    dataset, modality, norm = build_slab_dataset(c, volumes)
+    return train(c, dataset, out, modality=modality, normalisation=norm, resume=resume).checkpoint
 
 
 def slab_prior_from_checkpoint(path: str | Path, device: torch.device | str = "cpu", *,

@@ -1,9 +1,11 @@
 """Training a diffusion prior: DDPM epsilon prediction (VP schedule) or EDM denoising, resumable bit for bit.
 
-:func:`train_prior` is what ``medrecon train`` calls: volumes in, checkpoint out. :func:`train` trains a
-diffusion prior on any :class:`~medrecon.diffusion.datasets.TrainingDataset` (tests use in-memory toy images).
-Both it and ReSample's autoencoder (:func:`medrecon.diffusion.latent.train_autoencoder`) run the one loop
-:func:`run_training`; a :class:`TrainingTask` brings what differs (network, loss, checkpoint fields).
+:func:`train` trains a diffusion prior on any :class:`~medrecon.diffusion.datasets.TrainingDataset` (tests
+use in-memory toy images). Both it and ReSample's autoencoder (:func:`medrecon.diffusion.latent.train_autoencoder`)
+run the one loop :func:`run_training`; a :class:`TrainingTask` brings what differs (network, loss, checkpoint
+fields). This module knows no prior kind but the plain slice prior it registers: each kind's module
+(``slab_data``, ``patches``, ``latent``) registers its own training with :mod:`medrecon.diffusion.kinds`,
+whose :func:`~medrecon.diffusion.kinds.train_prior` is what ``medrecon train`` calls.
 
 Losses
     ``"epsilon"``: ``t ~ U{0..N-1}``, ``x_t = sqrt(ab_t) x0 + sqrt(1-ab_t) n``, loss ``|net(x_t, t) - n|^2``
@@ -27,7 +29,6 @@ Determinism and resume
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import math
 import os
@@ -43,19 +44,22 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from medrecon.config.options import fill_defaults
+from medrecon.device import pick_device
 from medrecon.diffusion.checkpoint import KINDS as CHECKPOINT_KINDS
 from medrecon.diffusion.checkpoint import load_resume, resume_path, save_checkpoint, save_resume
-from medrecon.diffusion.datasets import DATASETS, SliceDataset, TrainingDataset, VolumeSlices, fit_normalisation
+from medrecon.diffusion.datasets import TrainingDataset, build_slice_dataset
 from medrecon.diffusion.denoiser import EDMDenoiser
+from medrecon.diffusion.kinds import register_kind
 from medrecon.diffusion.networks import build_unet, count_parameters, network_spec_defaults, resolve_unet_spec
-from medrecon.diffusion.normalisation import default_normalisation, validate_normalisation
+from medrecon.diffusion.normalisation import validate_normalisation
 from medrecon.diffusion.schedules import EDMSchedule, VPSchedule
-from medrecon.errors import ConfigError, DeviceError, InputError
+from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import provenance, to_jsonable
 from medrecon.volume import Volume
 
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "kind": "slice",            # prior kind; datasets exist for: slice
+    "kind": "slice",            # prior kind: one registered in medrecon.diffusion.kinds (slice, slab, patch, ...)
     "modality": None,           # CT | MR; None = taken from the training volumes
     "image_size": None,         # training resolution (square); None = the grid's size (64 off a grid)
     "network": {},              # overrides of networks.network_spec_defaults(kind)
@@ -88,11 +92,7 @@ LOG_COLUMNS = ("step", "loss", "lr", "seconds")
 
 def resolve_train_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in and values checked; unknown keys are a ConfigError (typos must not pass silently)."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown training option(s) {unknown}", fix=f"valid options: {sorted(TRAIN_DEFAULTS)}")
-    c = {**copy.deepcopy(TRAIN_DEFAULTS), **copy.deepcopy(cfg)}
+    c = fill_defaults(cfg, TRAIN_DEFAULTS, what="training option", where="the study's train.<name> section")
     checks = [
         (c["loss"] in ("epsilon", "edm"), "loss must be 'epsilon' or 'edm'"),
         (c["kind"] in CHECKPOINT_KINDS, f"kind must be one of {list(CHECKPOINT_KINDS)}"),
@@ -136,16 +136,6 @@ def ema_model(net: torch.nn.Module, decay: float) -> AveragedModel:
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
     return AveragedModel(net, multi_avg_fn=update, use_buffers=True)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU; asking for CUDA without one is a DeviceError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("training device 'cuda' requested but torch sees no CUDA GPU",
-                          fix="set train.device to 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def _seed(seed: int, stream: int, n: int) -> int:
@@ -331,7 +321,7 @@ def run_training(task: TrainingTask, cfg: dict[str, Any], dataset: TrainingDatas
     """
     out = Path(out)
     rpath, lpath = resume_path(out), loss_log_path(out)
-    device = pick_device(cfg["device"])
+    device = pick_device(cfg["device"], "train.device")
     normalisation = validate_normalisation(normalisation, modality)
     data = dataset.provenance() if data is None else data
     with torch.random.fork_rng(devices=[]):
@@ -435,51 +425,10 @@ def train(cfg: dict[str, Any], dataset: TrainingDataset, out: str | Path, *, mod
                         stop_at=stop_at, data=data)
 
 
-def build_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume]
-                  ) -> tuple[TrainingDataset, str, dict[str, Any]]:
-    """The training dataset for ``cfg['kind']`` from volume stores, with its modality and fitted normalisation."""
-    if cfg["kind"] == "slab":  # DiffusionBlend: 3-slice slabs read through a slice dataset
-        from medrecon.diffusion.slab_data import build_slab_dataset
-        return build_slab_dataset(cfg, volumes)
-    if cfg["kind"] not in DATASETS:
-        raise ConfigError(f"no training dataset for prior kind {cfg['kind']!r} yet",
-                          fix=f"use one of {sorted(DATASETS)}")
-    vols = [v if isinstance(v, Volume) else Volume.open(v) for v in volumes]
-    if not vols:
-        raise ConfigError("no training volumes given", fix="give at least one subject with role 'train'")
-    modality = cfg["modality"] or vols[0].modality
-    if modality not in ("CT", "MR"):
-        raise InputError(f"training volume {vols[0].path} has no CT/MR modality ({modality!r})",
-                         path=vols[0].path, fix="set the subject's modality and re-ingest, or train.modality")
-    source = VolumeSlices(vols, modality, cache_bytes=cfg["cache_mb"] << 20)
-    norm, per_volume = fit_normalisation(cfg["normalisation"] or default_normalisation(modality), source)
-    channels = int(cfg["network"].get("in_channels", 1))
-    ds = SliceDataset(source, norm, cfg["image_size"], channels=channels, fit=cfg["fit"], flips=cfg["flips"],
-                      random_phase=cfg["random_phase"], volume_values=per_volume)
-    return ds, modality, norm
-
-
-def train_prior(cfg: dict[str, Any], volumes: list[Path], out: Path, resume: bool = True) -> Path:
-    """Train the prior ``cfg`` describes on the training ``volumes``; returns the checkpoint path ``out``."""
-    kind = (cfg or {}).get("kind")
-    if kind == "autoencoder":  # ReSample's autoencoder
-        from medrecon.diffusion.latent import train_autoencoder_prior
-
-        return Path(train_autoencoder_prior(cfg, volumes, out, resume=resume))
-    if kind == "latent":  # ReSample's latent prior, on the autoencoder checkpoint named in cfg["autoencoder"]
-        from medrecon.diffusion.latent import train_latent_prior
-
-        if not cfg.get("autoencoder"):
-            raise ConfigError("a latent prior needs the autoencoder checkpoint it is trained on",
-                              fix="set train.<name>.autoencoder to the name of the autoencoder prior")
-        rest = {k: v for k, v in cfg.items() if k != "autoencoder"}
-        return Path(train_latent_prior(rest, volumes, cfg["autoencoder"], out, resume=resume).checkpoint)
-    if kind == "patch":  # PaDIS: patch geometry options travel beside the train config
-        from medrecon.diffusion.patches import train_patch_prior
-
-        rest = {k: v for k, v in cfg.items() if k != "patch"}
-        return train_patch_prior(rest, volumes, out, patch=cfg.get("patch"), resume=resume)
+@register_kind("slice", "whole slices (1 channel CT, 2 real/imag MR): the prior of DDS and DPS")
+def train_slice_prior(cfg: dict[str, Any], volumes: Sequence[str | Path | Volume], out: str | Path,
+                      resume: bool = True) -> Path:
+    """``medrecon train`` for ``kind: slice``: a UNet on the slices of ``volumes``; returns the checkpoint."""
     c = resolve_train_config(cfg)
-    dataset, modality, norm = build_dataset(c, volumes)
-    result = train(c, dataset, out, modality=modality, normalisation=norm, resume=resume)
-    return result.checkpoint
+    dataset, modality, norm = build_slice_dataset(c, volumes)
+    return train(c, dataset, out, modality=modality, normalisation=norm, resume=resume).checkpoint

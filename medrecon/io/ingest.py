@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 
 from medrecon.budget import check_ingest_budget
+from medrecon.config import PHANTOM_PREFIX
 from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import provenance
 from medrecon.volume import Volume
-
-PHANTOM_PREFIX = "phantom:"
 
 
 def input_format(src: str | Path) -> str:
@@ -74,8 +73,9 @@ def parse_phantom_spec(spec: str) -> dict[str, Any]:
 
 def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality: str | None = None,
            series: str | None = None, timepoint: int | None = None) -> list[Path]:
-    """Ingest ``src`` into ``out`` (one ``.zarr`` store, or a directory of stores) per ``config['ingest']``."""
-    memory_mb = config.get("memory_mb")
+    """Ingest ``src`` into ``out`` (one ``.zarr`` store, or a directory of stores) per ``config['ingest']``
+    (a validated config: :func:`medrecon.config.validate` fills the defaults)."""
+    memory_mb = config["memory_mb"]
     if input_format(src) == "phantom":
         from medrecon.io.phantoms import write_phantom_volume
 
@@ -86,7 +86,7 @@ def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality
     src, out = Path(src), Path(out)
     if not src.exists():
         raise InputError(f"Input {src} does not exist.", fix="check the subject's 'input' path in the config.")
-    opts = config.get("ingest", {})
+    opts = config["ingest"]
     meta_extra = {"provenance": provenance({"ingest": opts}, seeds={})}
     if modality:
         meta_extra["modality"] = modality
@@ -96,7 +96,7 @@ def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality
     if fmt == "nifti":
         from medrecon.io.nifti import ingest_nifti
 
-        return ingest_nifti(src, out, on_4d=opts.get("on_4d", "error"), timepoint=timepoint,
+        return ingest_nifti(src, out, on_4d=opts["on_4d"], timepoint=timepoint,
                             meta_extra=meta_extra, memory_mb=memory_mb)
     from medrecon.io.dicom import DicomOptions, ingest_dicom
 

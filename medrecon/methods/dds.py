@@ -37,7 +37,14 @@ from medrecon.diffusion.dc import ZTVState, absolute_dc_weights, cg_normal, ztv_
 from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddim_step, diffuse
 from medrecon.errors import ConfigError
-from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import (
+    DTYPES,
+    SliceLayout,
+    check_params,
+    reset_nfe,
+    sample_chunks,
+    warm_start_image,
+)
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 DDS_DEFAULTS: dict[str, Any] = {
@@ -47,25 +54,17 @@ DDS_DEFAULTS: dict[str, Any] = {
 }
 
 
-def warm_start_image(name: str, problem: ReconProblem, p: dict) -> torch.Tensor | None:
-    """The problem's starting image when the sampler's ``start`` < 1 (a warm start), else None; a warm start
-    without one (``init`` unset) is refused rather than silently run from noise."""
-    if float(p["start"]) >= 1.0:
-        return None
-    if problem.init is None:
-        raise ConfigError(f"{name}: start {p['start']} < 1 needs a starting image, and init is {p['init']!r}",
-                          fix="set init to a classical method of this modality (e.g. init: tv or fbp)")
-    return problem.init.to(problem.operator.in_dtype)
-
-
-@register_method("dds", init="param")
+@register_method(
+    "dds", defaults=DDS_DEFAULTS, prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    paper="Chung, Lee, Ye: Decomposed Diffusion Sampler for Accelerating Large-Scale Inverse Problems, ICLR 2024",
+    memory_copies=64, init="param")
 def dds(problem: ReconProblem, params: dict, prior: Prior,
         generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, *image_shape) by DDS; see the module docstring for params."""
-    p = check_params("dds", params, DDS_DEFAULTS)
+    p = check_params("dds", params)
     if not 0.0 <= float(p["eta"]) <= 1.0:
         raise ConfigError(f"dds: eta must lie in [0, 1], got {p['eta']}", fix="DDS uses eta: 0.85")
-    lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]])
+    lay = SliceLayout(problem, prior, DTYPES[p["dtype"]])
     op = lay.op
     if p["ztv"] and len(lay.image_shape) < 3:
         raise ConfigError("dds: ztv needs a volume (Z, Y, X); this problem has one slice",

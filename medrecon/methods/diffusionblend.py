@@ -72,8 +72,14 @@ from medrecon.diffusion.slab_data import (
     to_slab_channels,
 )
 from medrecon.errors import ConfigError, InputError
-from medrecon.methods.dds import warm_start_image
-from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import (
+    DTYPES,
+    SliceLayout,
+    check_params,
+    reset_nfe,
+    sample_chunks,
+    warm_start_image,
+)
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 BLEND_DEFAULTS: dict[str, Any] = {
@@ -82,6 +88,9 @@ BLEND_DEFAULTS: dict[str, Any] = {
     "average_overlaps": False, "samples": 1, "sample_batch": None, "dtype": "float32", "init": None, "start": 1.0,
 }
 KINDS = ("adjacent", "jump", "alternate")
+_SLAB_LOADER = "medrecon.diffusion.slab_data:slab_prior_from_checkpoint"
+_PAPER = ("Song, Hu, Luo, Fessler, Shen: DiffusionBlend: Learning 3D Image Prior through Position-aware Diffusion "
+          "Score Blending for 3D Computed Tomography Reconstruction, NeurIPS 2024")
 
 
 @dataclass(frozen=True)
@@ -236,10 +245,10 @@ def _check_setup(method: str, problem: ReconProblem, prior: Prior, p: dict[str, 
 def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, generator: torch.Generator | None,
                  method: str) -> ReconResult:
     """The DiffusionBlend sampler; ``method`` "diffusionblend" (adjacent) or "diffusionblend++" (alternate)."""
-    p = check_params(method, params, BLEND_DEFAULTS)
+    p = check_params(method, params)
     _check_setup(method, problem, prior, p)
     kind = "adjacent" if method == "diffusionblend" else "alternate"
-    lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]])
+    lay = SliceLayout(problem, prior, DTYPES[p["dtype"]])
     op, depth, dev = lay.op, lay.image_shape[0], lay.y.device
     sched = prior.vp_schedule()
     pairs = sched.step_pairs(int(p["steps"]), float(p["start"]))
@@ -301,14 +310,16 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
     return ReconResult(samples=samples, nfe=int(getattr(den, "nfe", len(pairs))), info=info)
 
 
-@register_method("diffusionblend", init="param")
+@register_method("diffusionblend", defaults=BLEND_DEFAULTS, prior="slab", loader=_SLAB_LOADER, paper=_PAPER,
+                 memory_copies=64, init="param")
 def diffusionblend(problem: ReconProblem, params: dict, prior: Prior,
                    generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, Z, Y, X) by DiffusionBlend (adjacent partitions, random offsets)."""
     return blend_sample(problem, params, prior, generator, "diffusionblend")
 
 
-@register_method("diffusionblend++", init="param")
+@register_method("diffusionblend++", defaults=BLEND_DEFAULTS, prior="slab", loader=_SLAB_LOADER,
+                 paper=_PAPER + " (DiffusionBlend++)", memory_copies=64, init="param")
 def diffusionblend_pp(problem: ReconProblem, params: dict, prior: Prior,
                       generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, Z, Y, X) by DiffusionBlend++ (alternating jump and adjacent partitions)."""

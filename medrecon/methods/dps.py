@@ -30,139 +30,40 @@ Departures, on purpose:
   (``EpsilonDenoiser(clip=1)`` reproduces DPS's ``clip_denoised``).
 
 Any slice size: the state lives on a canvas padded to the network's multiple with the background
-(:class:`SliceLayout`, :mod:`medrecon.diffusion.canvas`); the residual is taken on the cropped slice.
-
-The module also holds the small layout helper shared with :mod:`medrecon.methods.dds`,
-:mod:`medrecon.methods.diffusionblend` and the latent samplers.
+(:class:`~medrecon.methods.sampling.SliceLayout`, :mod:`medrecon.diffusion.canvas`); the residual is taken on
+the cropped slice.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from medrecon.diffusion.canvas import Canvas, CanvasDenoiser, network_multiple, prior_background
 from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddpm_step
-from medrecon.errors import ConfigError, InputError
-from medrecon.physics.operator import LinearOperator
+from medrecon.errors import ConfigError
+from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
-DPS_DEFAULTS: dict[str, Any] = {"steps": 1000, "zeta": 1.0, "guidance": "norm", "samples": 1,
-                                "sample_batch": None, "dtype": "float32"}
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-
-def check_params(method: str, params: dict | None, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``params`` over ``defaults``; an unknown key is a config error (a typo must not pass)."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown parameter(s) {unknown} for method {method!r}",
-                          fix=f"use only {sorted(defaults)} under the method's params in the config")
-    out = {**defaults, **params}
-    if int(out["samples"]) < 1:
-        raise ConfigError(f"{method}: samples must be >= 1, got {out['samples']}",
-                          fix="set samples: 1 or more")
-    if out["dtype"] not in _DTYPES:
-        raise ConfigError(f"{method}: dtype must be one of {sorted(_DTYPES)}, got {out['dtype']!r}",
-                          fix="use float32 (networks) or float64 (analytic checks)")
-    return out
-
-
-@dataclass
-class SliceLayout:
-    """How a problem's image (*lead, Y, X) maps to the denoiser batch (samples * prod(lead), C, Y', X').
-
-    (Y', X') is the :class:`~medrecon.diffusion.canvas.Canvas`: the slice centred in the smallest frame whose
-    sides are multiples of ``multiple`` (default: what the prior's network needs), padded with the prior's
-    background. This is the one place where samplers pad: the state and the denoiser live on the canvas
-    (:attr:`denoiser` returns the background in the padded region), image-domain steps see the crop.
-    ``multiple=1`` turns it off (PaDIS tiles any size itself).
-    """
-
-    problem: ReconProblem
-    prior: Prior
-    dtype: torch.dtype
-    multiple: int | None = None
-
-    def __post_init__(self) -> None:
-        p, op = self.problem, self.problem.operator
-        shape = tuple(p.image_shape)
-        n_in = len(op.in_shape)
-        if len(shape) < 2 or len(shape) < n_in or tuple(shape[len(shape) - n_in:]) != tuple(op.in_shape):
-            raise InputError(f"image shape {shape} does not end with the operator's input shape "
-                             f"{tuple(op.in_shape)}", fix="the measurement store and the operator disagree; "
-                             "re-run the measure step for this volume")
-        if op.in_dtype.is_complex != (self.prior.channels == 2):
-            kind = "complex" if op.in_dtype.is_complex else "real"
-            raise InputError(f"the operator's image is {kind} but the prior has {self.prior.channels} "
-                             "channel(s)",
-                             fix="use a 2-channel (real/imag) prior for complex MR images, 1 channel for CT")
-        self.image_shape = shape
-        self.lead = shape[:-2]
-        self.n_slices = math.prod(self.lead)
-        self.out_dims = tuple(range(-len(op.out_shape), 0))
-        self.y = p.y.to(op.out_dtype)
-        mult = network_multiple(self.prior.denoiser) if self.multiple is None else int(self.multiple)
-        self.canvas = Canvas(*shape[-2:], multiple=mult, value=prior_background(self.prior))
-        self._denoiser: Any = None
-
-    @property
-    def op(self) -> LinearOperator:
-        return self.problem.operator
-
-    @property
-    def denoiser(self) -> Any:
-        """The prior's denoiser on canvases (itself when no padding is needed)."""
-        if self._denoiser is None:
-            self._denoiser = self.prior.denoiser if self.canvas.identity \
-                else CanvasDenoiser(self.prior.denoiser, self.canvas)
-        return self._denoiser
-
-    def image(self, x_batch: torch.Tensor, n: int) -> torch.Tensor:
-        """Denoiser batch (canvases) of n samples -> image domain (n, *image_shape), in the operator's dtype."""
-        return self.prior.unpack(self.canvas.crop(x_batch), (n, *self.lead), self.op.in_dtype)
-
-    def batch(self, x_image: torch.Tensor) -> torch.Tensor:
-        """Image domain (n, *image_shape) -> denoiser batch (canvases, background around) in the prior domain."""
-        return self.canvas.pad(self.prior.pack(x_image, self.dtype))
-
-    def batch_shape(self, n: int) -> tuple[int, ...]:
-        return (n * self.n_slices, self.prior.channels, *self.canvas.shape)
-
-    def residual_norms(self, x_image: torch.Tensor) -> torch.Tensor:
-        """||y - A x|| per operator application (Hermitian for complex data)."""
-        return torch.linalg.vector_norm(self.y - self.op.forward(x_image), dim=self.out_dims)
-
-
-def sample_chunks(total: int, per_pass: int | None) -> list[int]:
-    """Split ``total`` samples into passes of at most ``per_pass`` (all at once when None)."""
-    per = total if not per_pass else max(1, int(per_pass))
-    return [min(per, total - i) for i in range(0, total, per)]
-
-
-def reset_nfe(denoiser: Any) -> None:
-    if hasattr(denoiser, "reset_nfe"):
-        denoiser.reset_nfe()
-
-
-@register_method("dps")
+@register_method(
+    "dps", defaults={"steps": 1000, "zeta": 1.0, "guidance": "norm", "samples": 1, "sample_batch": None,
+                     "dtype": "float32"},
+    prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    paper="Chung, Kim, McCann, Klasky, Ye: Diffusion Posterior Sampling for General Noisy Inverse Problems, ICLR 2023",
+    memory_copies=128)
 def dps(problem: ReconProblem, params: dict, prior: Prior,
         generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, *image_shape) by DPS; params: steps, zeta, samples, sample_batch, dtype."""
-    p = check_params("dps", params, DPS_DEFAULTS)
+    p = check_params("dps", params)
     if p["guidance"] not in ("norm", "gaussian"):
         raise ConfigError(f"dps: guidance must be 'norm' or 'gaussian', got {p['guidance']!r}",
                           fix="use 'norm' (DPS as published) or 'gaussian' (needs the noise level)")
     if p["guidance"] == "gaussian" and not problem.noise_std:
         raise ConfigError("dps: guidance 'gaussian' needs the measurement noise level; this problem has none",
                           fix="record noise_std in the measurement, or use guidance: norm")
-    lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]])
+    lay = SliceLayout(problem, prior, DTYPES[p["dtype"]])
     sched = prior.vp_schedule()
     pairs = sched.step_pairs(int(p["steps"]))
     den, zeta = lay.denoiser, float(p["zeta"])

@@ -54,7 +54,7 @@ from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.patches import PatchDenoiser, axis_tiling, crop_image, pad_image, reference_lengths
 from medrecon.diffusion.schedules import EDMSchedule
 from medrecon.errors import ConfigError, InputError
-from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 PADIS_DEFAULTS: dict[str, Any] = {
@@ -62,6 +62,9 @@ PADIS_DEFAULTS: dict[str, Any] = {
     "langevin": 0.5, "patch_size": None, "mode": "stitch", "max_batch": 256, "init_clamp": "auto",
     "samples": 1, "sample_batch": None, "dtype": "float32", "guidance": "norm",
 }
+_PATCH_LOADER = "medrecon.diffusion.patches:patch_prior_from_checkpoint"
+_PAPER = ("Hu, Song, Xu, Shen, Fessler: Learning Image Priors through Patch-based Diffusion Models for Solving "
+          "Inverse Problems (PaDIS), NeurIPS 2024")
 
 
 def _geometry(prior: Prior, three_d: bool) -> dict[str, Any]:
@@ -111,12 +114,12 @@ def _init_clamp(param: Any, prior: Prior) -> tuple[float, float] | None:
 
 def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.Generator | None,
             three_d: bool, name: str) -> ReconResult:
-    p = check_params(name, params, PADIS_DEFAULTS)
+    p = check_params(name, params)
     if int(p["steps"]) < 1 or int(p["inner"]) < 1 or float(p["langevin"]) < 0 or float(p["zeta"]) < 0:
         raise ConfigError(f"{name}: steps and inner must be >= 1, langevin and zeta >= 0 (got {p})",
                           fix="PaDIS uses steps 100, inner 10, langevin 0.5, zeta 0.3")
     geom = _geometry(prior, three_d)
-    lay = SliceLayout(problem, prior, _DTYPES[p["dtype"]], multiple=1)   # padding: the patch grid's own
+    lay = SliceLayout(problem, prior, DTYPES[p["dtype"]], multiple=1)   # padding: the patch grid's own
     op, dt = lay.op, lay.dtype
     shape = lay.image_shape
     if three_d and len(shape) != 3:
@@ -223,14 +226,17 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
     return ReconResult(samples=samples, nfe=den.nfe, info=info)
 
 
-@register_method("padis", init="fbp")
+@register_method("padis", init="fbp", defaults=PADIS_DEFAULTS, prior="patch", loader=_PATCH_LOADER,
+                 paper=_PAPER, memory_copies=64)
 def padis(problem: ReconProblem, params: dict, prior: Prior, generator: torch.Generator | None = None
           ) -> ReconResult:
     """Posterior samples (S, *image_shape) by PaDIS (2D patch prior, slices batched); see module docstring."""
     return _sample(problem, params, prior, generator, three_d=False, name="padis")
 
 
-@register_method("padis3d", init="fbp")
+@register_method("padis3d", init="fbp", defaults=PADIS_DEFAULTS, prior="patch", loader=_PATCH_LOADER,
+                 paper=_PAPER + "; 3D variant: d x P x P slab patches (train.patch.depth), beyond the paper",
+                 memory_copies=64)
 def padis3d(problem: ReconProblem, params: dict, prior: Prior, generator: torch.Generator | None = None
             ) -> ReconResult:
     """Posterior samples (S, Z, Y, X) by PaDIS with d x P x P slab patches (3D variant)."""

@@ -68,7 +68,7 @@ from medrecon.diffusion.canvas import network_multiple
 from medrecon.diffusion.latent import LatentPrior, randn_like_gen, stochastic_resample
 from medrecon.diffusion.schedules import ddim_step
 from medrecon.errors import ConfigError
-from medrecon.methods.dps import _DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 LATENT_DPS_DEFAULTS: dict[str, Any] = {"steps": 500, "eta": 0.0, "dps_scale": 0.5, "samples": 1,
@@ -89,10 +89,12 @@ RESAMPLE_DEFAULTS: dict[str, Any] = {
     "final_opt": True,          # one more consistency fit after the last step
 }
 _VARIANTS = ("full", "pixel")
+# Two checkpoints: the autoencoder, then the latent prior trained on it.
+_LATENT_LOADER = "medrecon.diffusion.latent:load_latent_prior"
 
 
-def _params(method: str, params: dict | None, defaults: dict[str, Any], prior: Any) -> dict[str, Any]:
-    p = check_params(method, params, defaults)
+def _params(method: str, params: dict | None, prior: Any) -> dict[str, Any]:
+    p = check_params(method, params)
     if not isinstance(prior, LatentPrior):
         raise ConfigError(f"{method} needs a latent prior (an autoencoder and a latent diffusion checkpoint), "
                           f"got {type(prior).__name__}",
@@ -159,7 +161,7 @@ def _sample(method: str, problem: ReconProblem, p: dict[str, Any], prior: Latent
     codec, den, sched = prior.codec, prior.denoiser, prior.schedule
     # Pixels on a canvas the autoencoder (factor f) and then the latent UNet (multiple m) can halve: sides
     # multiples of f * m, background around the slice; data consistency sees the crop (lay.image).
-    lay = SliceLayout(problem, prior.pixel_prior(), _DTYPES[p["dtype"]],
+    lay = SliceLayout(problem, prior.pixel_prior(), DTYPES[p["dtype"]],
                       multiple=codec.factor * network_multiple(den))
     cz, h, w = codec.latent_shape(*lay.canvas.shape, path=problem.meta.get("path"))
     steps = int(p["steps"])
@@ -252,17 +254,23 @@ def _sample(method: str, problem: ReconProblem, p: dict[str, Any], prior: Latent
     return ReconResult(samples=samples, nfe=int(getattr(den, "nfe", len(pairs))), info=info)
 
 
-@register_method("resample")
+@register_method(
+    "resample", defaults=RESAMPLE_DEFAULTS, prior="latent", loader=_LATENT_LOADER,
+    paper="Song, Kwon, Zhang, Hu, Qu, Shen: Solving Inverse Problems with Latent Diffusion Models via Hard Data "
+          "Consistency (ReSample), ICLR 2024", memory_copies=128)
 def resample(problem: ReconProblem, params: dict, prior: LatentPrior,
              generator: torch.Generator | None = None) -> ReconResult:
     """Posterior samples (S, *image_shape) by ReSample; see the module docstring for params."""
-    return _sample("resample", problem, _params("resample", params, RESAMPLE_DEFAULTS, prior), prior, True,
+    return _sample("resample", problem, _params("resample", params, prior), prior, True,
                    generator)
 
 
-@register_method("latent_dps")
+@register_method(
+    "latent_dps", defaults=LATENT_DPS_DEFAULTS, prior="latent", loader=_LATENT_LOADER,
+    paper="Latent DPS (DPS on a latent diffusion prior), the baseline of ReSample (Song et al., ICLR 2024)",
+    memory_copies=128)
 def latent_dps(problem: ReconProblem, params: dict, prior: LatentPrior,
                generator: torch.Generator | None = None) -> ReconResult:
     """Latent-DPS (ReSample without hard consistency): params steps, eta, dps_scale, samples, dtype."""
-    return _sample("latent_dps", problem, _params("latent_dps", params, LATENT_DPS_DEFAULTS, prior), prior, False,
+    return _sample("latent_dps", problem, _params("latent_dps", params, prior), prior, False,
                    generator)

@@ -17,8 +17,8 @@ and norms that decide step sizes are accumulated in float64 so that long runs do
   gradient method of Chambolle & Pock (2011, alg. 1 with theta = 1). TV is isotropic, forward differences
   with Neumann boundary along (z, y, x), or (y, x) per slice. See :func:`tv_pdhg` for step sizes and scaling.
 
-The registered methods ("cgls", "sirt", "tv") read their settings from the method's ``params`` dict;
-each default is documented in the function that reads it.
+The registered methods ("cgls", "sirt", "tv") read their settings from the method's ``params`` dict, complete
+with the defaults registered with each (:func:`medrecon.recon.registry.register_method`).
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def kkt_residual(op: LinearOperator, y: torch.Tensor, x: torch.Tensor, q: torch.
 
 def _init(problem: ReconProblem, params: dict) -> torch.Tensor | None:
     """The starting image: ``problem.init`` (e.g. an FBP) unless ``params['init'] == 'zeros'``."""
-    mode = params.get("init", "problem")
+    mode = params["init"]
     if mode not in ("problem", "zeros"):
         raise ConfigError(f"unknown init {mode!r}", fix="use init: problem (problem.init if given) or zeros.")
     if mode == "zeros" or problem.init is None:
@@ -354,25 +354,29 @@ def _result(x: torch.Tensor, problem: ReconProblem, info: SolverInfo, t0: float,
     return ReconResult(samples=x.reshape(1, *problem.image_shape), nfe=nfe, info=d)
 
 
-@register_method("cgls", modalities=("CT",), params=("n_iter", "tol", "init"))
+@register_method("cgls", modalities=("CT",), defaults={"n_iter": 30, "tol": 1e-6, "init": "problem"},
+                 paper="CGLS: Hestenes & Stiefel 1952; Bjorck, Numerical Methods for Least Squares Problems 1996",
+                 memory_copies=8)
 def cgls_method(problem: ReconProblem, params: dict, prior: Any = None,
                 generator: torch.Generator | None = None) -> ReconResult:
     """CGLS. params: ``n_iter`` (int, 30: few iterations act as the regulariser), ``tol`` (float, 1e-6),
     ``init`` ('problem' | 'zeros', 'problem')."""
     t0 = time.perf_counter()
-    x, info = cgls(problem.operator, problem.y, _init(problem, params), n_iter=int(params.get("n_iter", 30)),
-                   tol=float(params.get("tol", 1e-6)))
+    x, info = cgls(problem.operator, problem.y, _init(problem, params), n_iter=int(params["n_iter"]),
+                   tol=float(params["tol"]))
     return _result(x, problem, info, t0, nfe=2 * info.n_iter + 2)
 
 
-@register_method("sirt", modalities=("CT",), params=("n_iter", "nonneg", "relax", "init"))
+@register_method("sirt", modalities=("CT",),
+                 defaults={"n_iter": 100, "nonneg": True, "relax": 1.0, "init": "problem"},
+                 paper="SIRT: Gilbert, J. Theor. Biol. 1972; as Gregor & Benson, IEEE TMI 2008", memory_copies=8)
 def sirt_method(problem: ReconProblem, params: dict, prior: Any = None,
                 generator: torch.Generator | None = None) -> ReconResult:
     """SIRT. params: ``n_iter`` (int, 100), ``nonneg`` (bool, True), ``relax`` (float in (0, 2), 1.0),
     ``init`` ('problem' | 'zeros', 'problem')."""
     t0 = time.perf_counter()
-    x, info = sirt(problem.operator, problem.y, _init(problem, params), n_iter=int(params.get("n_iter", 100)),
-                   nonneg=bool(params.get("nonneg", True)), relax=float(params.get("relax", 1.0)))
+    x, info = sirt(problem.operator, problem.y, _init(problem, params), n_iter=int(params["n_iter"]),
+                   nonneg=bool(params["nonneg"]), relax=float(params["relax"]))
     return _result(x, problem, info, t0, nfe=2 * info.n_iter + 3)
 
 
@@ -396,8 +400,11 @@ def absolute_tv_weight(op: LinearOperator, y: torch.Tensor, lam: float, scale: s
         return float(lam) * float(op.adjoint(y).abs().max())
 
 
-@register_method("tv", modalities=("CT",), params=("lam", "lam_scale", "n_iter", "nonneg", "tv_ndim",
-                                                  "spacing_weights", "tol", "init"))
+@register_method("tv", modalities=("CT",),
+                 defaults={"lam": 1e-4, "lam_scale": "relative", "n_iter": 300, "nonneg": True, "tv_ndim": 3,
+                           "spacing_weights": True, "tol": 0.0, "init": "problem"},
+                 paper="TV: Rudin, Osher, Fatemi, Physica D 1992; PDHG: Chambolle & Pock, JMIV 2011",
+                 memory_copies=14)
 def tv_method(problem: ReconProblem, params: dict, prior: Any = None,
               generator: torch.Generator | None = None) -> ReconResult:
     """TV-regularised least squares by PDHG.
@@ -410,14 +417,13 @@ def tv_method(problem: ReconProblem, params: dict, prior: Any = None,
     """
     t0 = time.perf_counter()
     op = problem.operator
-    lam = absolute_tv_weight(op, problem.y, float(params.get("lam", 1e-4)), str(params.get("lam_scale", "relative")),
+    lam = absolute_tv_weight(op, problem.y, float(params["lam"]), str(params["lam_scale"]),
                              problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
-    spacing = problem.meta.get("spacing") if params.get("spacing_weights", True) else None
-    tv_ndim = int(params.get("tv_ndim", 3))
+    spacing = problem.meta.get("spacing") if params["spacing_weights"] else None
+    tv_ndim = int(params["tv_ndim"])
     if tv_ndim not in (2, 3):
         raise ConfigError(f"tv_ndim must be 2 or 3, got {tv_ndim}", fix="set params.tv.tv_ndim to 2 or 3.")
     x0 = _init(problem, params)
-    x, info = tv_pdhg(op, problem.y, lam, x0=x0, n_iter=int(params.get("n_iter", 300)),
-                      nonneg=bool(params.get("nonneg", True)), tv_ndim=tv_ndim, spacing=spacing,
-                      tol=float(params.get("tol", 0.0)))
+    x, info = tv_pdhg(op, problem.y, lam, x0=x0, n_iter=int(params["n_iter"]), nonneg=bool(params["nonneg"]),
+                      tv_ndim=tv_ndim, spacing=spacing, tol=float(params["tol"]))
     return _result(x, problem, info, t0, nfe=2 * info.n_iter + 2 + 60)

@@ -294,24 +294,26 @@ def fdk(geometry: CTGeometry, y: torch.Tensor | np.ndarray, short_scan: bool = F
     return torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
 
 
-@register_method("fbp", modalities=("CT",), params=("filter", "short_scan"))
+@register_method("fbp", modalities=("CT",), defaults={"filter": "ram-lak", "short_scan": "auto"},
+                 paper="FBP: Kak & Slaney, Principles of Computerized Tomographic Imaging 1988, ch. 3; "
+                       "Parker, Med. Phys. 1982", memory_copies=6)
 def fbp_method(problem: ReconProblem, params: dict, prior: Any = None,
                generator: torch.Generator | None = None) -> ReconResult:
     """FBP. params: ``filter`` ('ram-lak' | 'shepp-logan' | 'cosine' | 'hann', 'ram-lak'), ``short_scan``
     ('auto' | 'never' | 'parker', 'auto'; fan beam only)."""
     t0 = time.perf_counter()
-    x = fbp(problem.operator, problem.y, str(params.get("filter", "ram-lak")),
-            str(params.get("short_scan", "auto")))
+    x = fbp(problem.operator, problem.y, str(params["filter"]), str(params["short_scan"]))
     return ReconResult(samples=x.reshape(1, *problem.image_shape), nfe=1,
                        info={"seconds": time.perf_counter() - t0})
 
 
-@register_method("fdk", modalities=("CT",), params=("short_scan",))
+@register_method("fdk", modalities=("CT",), defaults={"short_scan": False},
+                 paper="FDK: Feldkamp, Davis, Kress, JOSA A 1984 (ASTRA FDK_CUDA)", memory_copies=6)
 def fdk_method(problem: ReconProblem, params: dict, prior: Any = None,
                generator: torch.Generator | None = None) -> ReconResult:
     """FDK (cone beam, GPU only). params: ``short_scan`` (bool, False: ASTRA's Parker weighting)."""
     t0 = time.perf_counter()
     x = fdk(_geometry(problem.operator), problem.y.reshape(problem.operator.out_shape),
-            bool(params.get("short_scan", False)))
+            bool(params["short_scan"]))
     return ReconResult(samples=x.to(problem.y.device).reshape(1, *problem.image_shape), nfe=1,
                        info={"seconds": time.perf_counter() - t0})

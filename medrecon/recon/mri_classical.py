@@ -96,11 +96,10 @@ def _run_per_slice(problem: ReconProblem, app: type, lamda: float, max_iter: int
     return x.reshape(problem.image_shape), seconds
 
 
-def _relative_weight(problem: ReconProblem, params: dict, default: float, method: str,
-                     use_dcf: bool) -> float:
+def _relative_weight(problem: ReconProblem, params: dict, method: str, use_dcf: bool) -> float:
     """Absolute regularisation weight from the config's relative one (see the module docstring)."""
-    lam = float(params.get("lam", default))
-    scale = str(params.get("lam_scale", "relative"))
+    lam = float(params["lam"])
+    scale = str(params["lam_scale"])
     if lam < 0:
         raise ConfigError(f"{method}: lam must be >= 0, got {lam}", fix=f"set params.{method}.lam >= 0.")
     if scale == "absolute":
@@ -126,7 +125,8 @@ def _result(x: torch.Tensor, problem: ReconProblem, seconds: float, info: dict[s
                        info={"seconds": seconds, **info})
 
 
-@register_method("zero_filled", modalities=("MR",), params=())
+@register_method("zero_filled", modalities=("MR",), defaults={},
+                 paper="zero-filled inverse FFT; NUFFT gridding: Jackson et al., IEEE TMI 1991", memory_copies=24)
 def zero_filled_method(problem: ReconProblem, params: dict, prior: Any = None,
                        generator: torch.Generator | None = None) -> ReconResult:
     """Zero-filled (Cartesian) or gridding (NUFFT) reconstruction; no params."""
@@ -135,42 +135,48 @@ def zero_filled_method(problem: ReconProblem, params: dict, prior: Any = None,
     return _result(x.reshape(problem.image_shape), problem, time.perf_counter() - t0, {"nfe": 1})
 
 
-@register_method("sense", modalities=("MR",), params=("lam", "n_iter", "dcf_weights"))
+@register_method("sense", modalities=("MR",), defaults={"lam": 0.01, "n_iter": 30, "dcf_weights": False},
+                 paper="CG-SENSE: Pruessmann et al., MRM 1999 and 2001 (sigpy.mri.app.SenseRecon)", memory_copies=40)
 def sense_method(problem: ReconProblem, params: dict, prior: Any = None,
                  generator: torch.Generator | None = None) -> ReconResult:
     """CG-SENSE. params: ``lam`` (float, 0.01; absolute, dimensionless Tikhonov weight), ``n_iter``
     (int, 30 CG iterations), ``dcf_weights`` (bool, False; NUFFT only)."""
-    lam = float(params.get("lam", 0.01))
+    lam = float(params["lam"])
     if lam < 0:
         raise ConfigError(f"sense: lam must be >= 0, got {lam}", fix="set params.sense.lam >= 0.")
-    n_iter = int(params.get("n_iter", 30))
-    x, sec = _run_per_slice(problem, sigpy.mri.app.SenseRecon, lam, n_iter,
-                            bool(params.get("dcf_weights", False)))
+    n_iter = int(params["n_iter"])
+    x, sec = _run_per_slice(problem, sigpy.mri.app.SenseRecon, lam, n_iter, bool(params["dcf_weights"]))
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
 
 
-@register_method("l1_wavelet", modalities=("MR",), params=("lam", "lam_scale", "n_iter", "dcf_weights",
-                                                                 "wavelet"))
+@register_method("l1_wavelet", modalities=("MR",),
+                 defaults={"lam": 0.001, "lam_scale": "relative", "n_iter": 50, "dcf_weights": False,
+                           "wavelet": "db4"},
+                 paper="Sparse MRI: Lustig, Donoho, Pauly, MRM 2007 (sigpy.mri.app.L1WaveletRecon)",
+                 memory_copies=48)
 def l1_wavelet_method(problem: ReconProblem, params: dict, prior: Any = None,
                       generator: torch.Generator | None = None) -> ReconResult:
     """L1-wavelet compressed sensing. params: ``lam`` (float, 0.001, relative to max |x_zf|),
     ``lam_scale`` ('relative' | 'absolute'), ``n_iter`` (int, 50 FISTA iterations), ``wavelet`` (str, 'db4'),
     ``dcf_weights`` (bool, False; NUFFT only)."""
-    use_dcf = bool(params.get("dcf_weights", False))
-    lam = _relative_weight(problem, params, 0.001, "l1_wavelet", use_dcf)
-    n_iter = int(params.get("n_iter", 50))
+    use_dcf = bool(params["dcf_weights"])
+    lam = _relative_weight(problem, params, "l1_wavelet", use_dcf)
+    n_iter = int(params["n_iter"])
     x, sec = _run_per_slice(problem, sigpy.mri.app.L1WaveletRecon, lam, n_iter, use_dcf,
-                            wave_name=str(params.get("wavelet", "db4")))
+                            wave_name=str(params["wavelet"]))
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})
 
 
-@register_method("mri_tv", modalities=("MR",), params=("lam", "lam_scale", "n_iter", "dcf_weights"))
+@register_method("mri_tv", modalities=("MR",),
+                 defaults={"lam": 0.005, "lam_scale": "relative", "n_iter": 100, "dcf_weights": True},
+                 paper="TV-regularised SENSE: Block, Uecker, Frahm, MRM 2007 (sigpy.mri.app.TotalVariationRecon)",
+                 memory_copies=48)
 def mri_tv_method(problem: ReconProblem, params: dict, prior: Any = None,
                   generator: torch.Generator | None = None) -> ReconResult:
     """TV-regularised SENSE. params: ``lam`` (float, 0.005, relative to max |x_zf|), ``lam_scale``,
     ``n_iter`` (int, 100 PDHG iterations), ``dcf_weights`` (bool, True; NUFFT only)."""
-    use_dcf = bool(params.get("dcf_weights", True))
-    lam = _relative_weight(problem, params, 0.005, "mri_tv", use_dcf)
-    n_iter = int(params.get("n_iter", 100))
+    use_dcf = bool(params["dcf_weights"])
+    lam = _relative_weight(problem, params, "mri_tv", use_dcf)
+    n_iter = int(params["n_iter"])
     x, sec = _run_per_slice(problem, sigpy.mri.app.TotalVariationRecon, lam, n_iter, use_dcf)
     return _result(x, problem, sec, {"lam": lam, "n_iter": n_iter})

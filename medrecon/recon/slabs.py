@@ -23,8 +23,6 @@ import numpy as np
 from medrecon.errors import ConfigError, InputError
 from medrecon.volume import Geometry, Volume, slab_ranges
 
-SLAB_DEFAULTS: dict[str, int] = {"size": 64, "halo": 4, "jobs": 1}
-
 
 @dataclass(frozen=True)
 class Slab:
@@ -42,8 +40,9 @@ class Slab:
 
 
 def slab_settings(rcfg: dict[str, Any]) -> dict[str, int]:
-    """``reconstruct.slab`` with defaults, validated (the schema checks types; this checks the relations)."""
-    s = {**SLAB_DEFAULTS, **(rcfg.get("slab") or {})}
+    """``reconstruct.slab`` of a validated config (defaults from the schema), with the relations between its keys
+    checked (the schema checks each key's type and range)."""
+    s = dict(rcfg["slab"])
     if s["size"] < 0 or s["halo"] < 0 or s["jobs"] < 1:
         raise ConfigError(f"reconstruct.slab must have size >= 0, halo >= 0, jobs >= 1 (got {s}).",
                           fix="e.g. reconstruct.slab: {size: 64, halo: 4, jobs: 1}; size 0 = whole volume.")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from medrecon.device import pick_device
 from medrecon.diffusion.checkpoint import load_checkpoint, load_resume, prior_from_checkpoint, resume_path
 from medrecon.diffusion.datasets import (
     ArrayDataset,
@@ -17,18 +18,17 @@ from medrecon.diffusion.datasets import (
     toy_discs,
 )
 from medrecon.diffusion.denoiser import EDMDenoiser
+from medrecon.diffusion.kinds import train_prior
 from medrecon.diffusion.networks import tiny_network_spec
 from medrecon.diffusion.normalisation import from_network, prior_affine, to_network, validate_normalisation
 from medrecon.diffusion.train import (
     StepBatchSampler,
     TrainingTask,
     loss_log_path,
-    pick_device,
     read_loss_log,
     resolve_train_config,
     run_training,
     train,
-    train_prior,
     warmup_cosine,
 )
 from medrecon.errors import ConfigError, DeviceError, InputError

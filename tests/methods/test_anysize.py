@@ -23,7 +23,7 @@ from medrecon.diffusion.normalisation import default_normalisation, prior_affine
 from medrecon.diffusion.patches import coordinate_channels
 from medrecon.diffusion.schedules import VPSchedule
 from medrecon.errors import ConfigError, InputError, MedreconError
-from medrecon.methods.dps import SliceLayout
+from medrecon.methods.sampling import SliceLayout
 from medrecon.physics.coils import birdcage_coils
 from medrecon.physics.ct import ParallelBeamCT
 from medrecon.physics.ct_geometry import CTGeometry, sparse_view_angles

@@ -23,6 +23,7 @@ import torch
 from medrecon.diffusion.analytic import GaussianPrior
 from medrecon.diffusion.datasets import SliceDataset, VolumeSlices
 from medrecon.diffusion.denoiser import Denoiser, EpsilonDenoiser, Prior
+from medrecon.diffusion.kinds import train_prior
 from medrecon.diffusion.networks import build_unet, tiny_network_spec
 from medrecon.diffusion.normalisation import default_normalisation, prior_affine, to_network
 from medrecon.diffusion.schedules import VPSchedule
@@ -35,7 +36,6 @@ from medrecon.diffusion.slab_data import (
     slab_prior_from_checkpoint,
     to_slab_channels,
 )
-from medrecon.diffusion.train import train_prior
 from medrecon.errors import ConfigError, InputError
 from medrecon.io.phantoms import ct_phantom, mr_brain_phantom
 from medrecon.methods.diffusionblend import blend, diffusionblend, diffusionblend_pp, partition

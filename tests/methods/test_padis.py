@@ -456,9 +456,7 @@ def test_padis_starts_from_the_fbp_the_reconstruct_step_gives_it(tmp_path):
     from medrecon.measurement import Measurement
     from medrecon.recon.ct_fbp import fbp
     from medrecon.recon.slabs import plan_slabs
-    from medrecon.reconstruct import _slab_problem, load_methods
-
-    load_methods()
+    from medrecon.reconstruct import _slab_problem
     write_phantom_volume("ct_chest", tmp_path / "v.zarr", (4, 24, 24), (5.0, 8.0, 8.0), 1)
     cfg = cfgmod.validate({"measure": {"ct": {"views": 12, "I0": None}}})
     meas = Measurement.open(measure(tmp_path / "v.zarr", tmp_path / "m.zarr", cfg))

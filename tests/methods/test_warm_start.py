@@ -8,13 +8,12 @@ import torch
 from medrecon.errors import ConfigError
 from medrecon.recon.ct_fbp import fbp
 from medrecon.recon.registry import METHODS
-from medrecon.reconstruct import _initial_image, load_methods
+from medrecon.reconstruct import _initial_image
 from tests.methods.test_anysize import ct_problem, slab_prior, slice_prior
 
 
 @pytest.fixture()
 def problem():
-    load_methods()
     return ct_problem(20, 23, depth=3)
 
 

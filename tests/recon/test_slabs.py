@@ -55,7 +55,7 @@ def test_parts_split_the_plan_into_contiguous_runs():
     with pytest.raises(ConfigError, match="part"):
         part_slabs(plan, 3, 3)
     with pytest.raises(ConfigError, match="halo"):
-        slab_settings({"slab": {"size": 2, "halo": 5}})
+        slab_settings(cfgmod.validate({"reconstruct": {"slab": {"size": 2, "halo": 5}}})["reconstruct"])
 
 
 def test_slice_wise_method_is_identical_slab_by_slab(ct_meas, tmp_path):
