@@ -32,6 +32,23 @@ def test_demo_dry_run():
         assert rule in out
 
 
+def test_demo_dry_run_from_the_repository_root_finds_the_workflow_and_config():
+    """`snakemake` from the root as the README says: workflow/Snakefile, config/config.yaml and the default
+    workflow profile are found by Snakemake itself."""
+    proc = _snakemake(["-n", "--forceall"], REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "workflow/profiles/default" in out and "report" in out
+
+
+def test_snakemake_lint_is_clean():
+    """Conda env per rule, helper functions only in common.smk, no path composition with '+': `--lint` finds
+    nothing (it exits 1 when it does)."""
+    proc = _snakemake(["--lint"], REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
 def test_bad_config_key_stops_the_workflow(tmp_path):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["measure"]["ct"]["veiws"] = 3

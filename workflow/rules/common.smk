@@ -53,6 +53,14 @@ def all_metrics():
     return [RESULTS / sid / "metrics" / f"{m}.json" for sid in subjects_with_role("eval") for m in methods_for(sid)]
 
 
+def all_recons():
+    return [RESULTS / sid / "recon" / f"{m}.zarr" for sid in subjects_with_role("eval") for m in methods_for(sid)]
+
+
+def eval_references():
+    return [RESULTS / sid / "reference.zarr" for sid in subjects_with_role("eval")]
+
+
 def final_outputs():
     return [RESULTS / "report.html"]
 

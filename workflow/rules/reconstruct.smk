@@ -17,6 +17,8 @@ if SLAB_JOBS == 1:
             LOGS / "{subject}" / "reconstruct_{method}.log",
         benchmark:
             BENCH / "{subject}" / "reconstruct_{method}.tsv"
+        conda:
+            "../envs/medrecon.yaml"
         threads: 1
         resources:
             mem_mb=8000,
@@ -46,6 +48,8 @@ else:
             LOGS / "{subject}" / "reconstruct_{method}_part{part}.log",
         benchmark:
             BENCH / "{subject}" / "reconstruct_{method}_part{part}.tsv"
+        conda:
+            "../envs/medrecon.yaml"
         threads: 1
         resources:
             mem_mb=8000,
@@ -64,6 +68,8 @@ else:
             directory(RESULTS / "{subject}" / "recon" / "{method}.zarr"),
         log:
             LOGS / "{subject}" / "gather_{method}.log",
+        conda:
+            "../envs/medrecon.yaml"
         threads: 1
         resources:
             mem_mb=4000,

@@ -11,6 +11,8 @@ rule train:
         LOGS / "train_{prior}.log",
     benchmark:
         BENCH / "train_{prior}.tsv"
+    conda:
+        "../envs/medrecon.yaml"
     threads: 1
     resources:
         mem_mb=8000,
