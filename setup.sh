@@ -11,5 +11,5 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 printf '%s\n' "$TORCH_SPEC" > .venv/torch-constraint.txt
-.venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e ".[dev]"
+.venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e ".[dev,slurm]"
 .venv/bin/python -m pip check

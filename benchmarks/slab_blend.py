@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     import yaml
 
-    demo = yaml.safe_load((REPO / "config.yaml").read_text())["reconstruct"]
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["reconstruct"]
     meas = Measurement.open(a.measurement)
     ref = Volume.open(meas.meta["reference_volume"]).read()
     plan = plan_slabs(meas.image_shape[0], a.size, a.halo, True)

@@ -41,6 +41,6 @@ def test_inline_json_and_file(tmp_path):
 def test_shipped_config_is_valid():
     from pathlib import Path
 
-    shipped = Path(__file__).resolve().parents[1] / "config.yaml"
+    shipped = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
     cfg = config.load(shipped)
     assert cfg["subjects"], "the demo config lists subjects"

@@ -24,6 +24,7 @@ from medrecon.io.phantoms import write_phantom_volume
 from medrecon.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
 # Measured per run, so they differ between any two runs; every other number must be identical.
 VOLATILE = {"runtime_s", "peak_rss_mb", "cuda_max_allocated_mb"}
 TINY_NET = {k: v for k, v in tiny_network_spec("slice", 32).items()
@@ -76,7 +77,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"),
+    return [sys.executable, "-m", "snakemake", *args, "--snakefile", str(SNAKEFILE),
             "--directory", str(workdir), "--configfile", str(workdir / "config.yaml")]
 
 

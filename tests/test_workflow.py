@@ -14,6 +14,7 @@ import yaml
 from medrecon.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"   # found by itself from the repository root (Snakemake's search order)
 
 
 def _snakemake(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -24,18 +25,35 @@ def _snakemake(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Com
 
 def test_demo_dry_run():
     proc = _snakemake(["-n", "--forceall", "--cores", "2", "--directory", str(REPO),
-                       "--snakefile", str(REPO / "Snakefile")], REPO)
+                       "--snakefile", str(SNAKEFILE)], REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     for rule in ("ingest", "measure", "reconstruct", "evaluate", "report"):
         assert rule in out
 
 
+def test_demo_dry_run_from_the_repository_root_finds_the_workflow_and_config():
+    """`snakemake` from the root as the README says: workflow/Snakefile, config/config.yaml and the default
+    workflow profile are found by Snakemake itself."""
+    proc = _snakemake(["-n", "--forceall"], REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "workflow/profiles/default" in out and "report" in out
+
+
+def test_snakemake_lint_is_clean():
+    """Conda env per rule, helper functions only in common.smk, no path composition with '+': `--lint` finds
+    nothing (it exits 1 when it does)."""
+    proc = _snakemake(["--lint"], REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
 def test_bad_config_key_stops_the_workflow(tmp_path):
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["measure"]["ct"]["veiws"] = 3
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = _snakemake(["-n", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
+    proc = _snakemake(["-n", "--cores", "1", "--snakefile", str(SNAKEFILE), "--directory", str(REPO),
                        "--configfile", str(tmp_path / "c.yaml")], REPO)
     assert proc.returncode != 0
     assert "veiws" in proc.stdout + proc.stderr
@@ -43,10 +61,10 @@ def test_bad_config_key_stops_the_workflow(tmp_path):
 
 def test_subject_with_a_missing_input_stops_the_workflow_at_load_time(tmp_path):
     """Checked when the config is loaded, not when (or if) Snakemake decides to run that subject's ingest."""
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["subjects"].append({"id": "ct99", "input": "data/demo/ct_chset_s1", "modality": "CT"})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = _snakemake(["-n", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
+    proc = _snakemake(["-n", "--cores", "1", "--snakefile", str(SNAKEFILE), "--directory", str(REPO),
                        "--configfile", str(tmp_path / "c.yaml")], REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
@@ -71,7 +89,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
         "reconstruct": {"methods": {"CT": ["fbp"], "MR": ["zero_filled", "sense"]}},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = _snakemake(["--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+    proc = _snakemake(["--cores", "2", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path),
                        "--configfile", str(tmp_path / "config.yaml")], tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = tmp_path / "results" / "tiny"
@@ -93,13 +111,13 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     assert (res / "logs" / "c1" / "reconstruct_fbp.log").exists()
     assert (res / "benchmarks" / "c1" / "measure.tsv").exists()
     # A second run has nothing to do.
-    again = _snakemake(["-n", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+    again = _snakemake(["-n", "--cores", "1", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path),
                         "--configfile", str(tmp_path / "config.yaml")], tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
     # A new subject with a mistyped input is an error, not "Nothing to be done" beside the old report.
     cfg["subjects"].append({"id": "c2", "input": str(tmp_path / "cct"), "modality": "CT"})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    typo = _snakemake(["-n", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+    typo = _snakemake(["-n", "--cores", "1", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path),
                        "--configfile", str(tmp_path / "config.yaml")], tmp_path)
     said = typo.stdout + typo.stderr
     assert typo.returncode != 0 and "Nothing to be done" not in said, said
@@ -120,7 +138,7 @@ def test_scattered_slab_jobs_equal_one_job(tmp_path):
                "reconstruct": {**base["reconstruct"], "slab": {"size": 4, "halo": 1, "jobs": jobs}}}
         (tmp_path / f"c{jobs}.yaml").write_text(yaml.safe_dump(cfg))
         targets = [str(tmp_path / f"r{jobs}" / "s" / "c1" / "metrics" / f"{m}.json") for m in ("fbp", "tv")]
-        proc = _snakemake([*targets, "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory",
+        proc = _snakemake([*targets, "--cores", "2", "--snakefile", str(SNAKEFILE), "--directory",
                            str(tmp_path), "--configfile", str(tmp_path / f"c{jobs}.yaml")], tmp_path)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         recon = tmp_path / f"r{jobs}" / "s" / "c1" / "recon"

@@ -85,7 +85,7 @@ def load(spec: str | Path | None) -> dict[str, Any]:
                               fix="fix the YAML syntax.") from err
         source = str(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"Config {source} must be a mapping of keys to values.", fix="see config.yaml.")
+        raise ConfigError(f"Config {source} must be a mapping of keys to values.", fix="see config/config.yaml.")
     return validate(data, source)
 
 

@@ -37,7 +37,7 @@ def subject(wildcards):
 
 
 def section_json(*keys):
-    """The config sections a rule needs, as JSON for `medrecon --config` (params: a change reruns the rule)."""
+    """The config sections a rule needs, as JSON for `medrecon --config` (a param, so a change reruns it)."""
     return json.dumps({k: config[k] for k in keys}, sort_keys=True)
 
 
@@ -53,20 +53,72 @@ def all_metrics():
     return [RESULTS / sid / "metrics" / f"{m}.json" for sid in subjects_with_role("eval") for m in methods_for(sid)]
 
 
+def all_recons():
+    return [RESULTS / sid / "recon" / f"{m}.zarr" for sid in subjects_with_role("eval") for m in methods_for(sid)]
+
+
+def eval_references():
+    return [RESULTS / sid / "reference.zarr" for sid in subjects_with_role("eval")]
+
+
 def final_outputs():
     return [RESULTS / "report.html"]
 
 
+# ---- reconstruct: per-method config and priors, slab scatter ----------------------------------------------
+SLAB_JOBS = int(config["reconstruct"].get("slab", {}).get("jobs", 1))
+
+
+def method_config(wildcards):
+    """Only this method's parameters (and the shared reconstruct keys: seed, device) go to the job: editing one
+    method's parameters, or adding a method, reruns nothing else."""
+    rc = config["reconstruct"]
+    sub = {k: v for k, v in rc.items() if k not in ("params", "priors", "methods")}
+    sub["params"] = {wildcards.method: rc["params"].get(wildcards.method, {})}
+    return json.dumps({"reconstruct": sub, "memory_mb": config.get("memory_mb")}, sort_keys=True)
+
+
+def prior_input(wildcards):
+    """The subject's own prior for this method (subjects[].priors), else the study's for its modality."""
+    sub = SUBJECTS[wildcards.subject]
+    path = (sub.get("priors") or {}).get(wildcards.method) or \
+        config["reconstruct"]["priors"][sub["modality"]].get(wildcards.method)
+    return [] if not path else [path] if isinstance(path, str) else list(path)
+
+
+# ---- train: training volumes, autoencoder of a latent prior --------------------------------------------------
+def training_volumes(wildcards):
+    """Reference volumes (on the study grid) of the subjects with role 'train' and the prior's modality."""
+    modality = config["train"][wildcards.prior]["modality"]
+    vols = [RESULTS / sid / "reference.zarr" for sid in subjects_with_role("train")
+            if SUBJECTS[sid]["modality"] == modality]
+    if not vols:
+        raise ValueError(f"train.{wildcards.prior}: no subjects with role 'train' and modality {modality}")
+    return vols
+
+
+def autoencoder_input(wildcards):
+    """A latent prior (ReSample) trains on the autoencoder prior it names."""
+    name = config["train"][wildcards.prior].get("autoencoder")
+    return [RESULTS / "priors" / f"{name}.pt"] if name else []
+
+
+def train_section(wildcards, input):
+    section = dict(config["train"][wildcards.prior])
+    if input.autoencoder:
+        section["autoencoder"] = str(input.autoencoder[0])
+    return json.dumps({"train": {wildcards.prior: section}}, sort_keys=True)
+
+
 # ---- GPUs: which jobs ask for one, how many run at once, and which GPU each gets ------------------------------
 # A job that may use a GPU declares `resources: gpu=gpus_for(<its config device>)` and starts its command with
-# GPU_SLOT. Locally, Snakemake then runs at most as many GPU jobs at once as this machine has GPUs (the `gpu`
-# limit below; `--resources gpu=N` overrides it) and GPU_SLOT gives each running job its own GPU through
-# CUDA_VISIBLE_DEVICES (medrecon/gpu_slots.py). On SLURM the profile's set-resources ask for the GPUs and SLURM
-# sets CUDA_VISIBLE_DEVICES; GPU_SLOT then leaves it alone.
+# `python -m medrecon.gpu_slots {resources.gpu} --`. Locally, Snakemake then runs at most as many GPU jobs at once
+# as this machine has GPUs (the `gpu` limit below; `--resources gpu=N` overrides it) and the wrapper gives each
+# running job its own GPU through CUDA_VISIBLE_DEVICES (medrecon/gpu_slots.py). On SLURM the profile's
+# set-resources ask for the GPUs and SLURM sets CUDA_VISIBLE_DEVICES; the wrapper then leaves it alone.
 from medrecon.gpu_slots import visible_gpus
 
 N_GPUS = len(visible_gpus())
-GPU_SLOT = "python -m medrecon.gpu_slots {resources.gpu} --"
 
 
 def gpus_for(device):
@@ -75,6 +127,9 @@ def gpus_for(device):
     return 1 if device == "cuda" or (device == "auto" and N_GPUS > 0) else 0
 
 
-if workflow.global_resources["_nodes"].value is None and N_GPUS > 0 and "gpu" not in workflow.global_resources:
-    # Local run on a GPU machine: one GPU job per GPU unless the user said otherwise with --resources gpu=N.
+if N_GPUS > 0 and "gpu" not in workflow.global_resources:
+    # On a GPU machine: one GPU job per GPU unless the user said otherwise with --resources gpu=N (the SLURM
+    # profile does, cluster-wide, so a submit host's own GPUs never cap a cluster run). `global_resources` (what
+    # --resources gave) and `register_resource` behave the same across Snakemake 9.x; the internal "_nodes"
+    # entry read here before changed type within 9.x (9.15 died on it).
     workflow.register_resource("gpu", N_GPUS)

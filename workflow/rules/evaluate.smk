@@ -3,6 +3,9 @@ rule evaluate:
     input:
         reference=RESULTS / "{subject}" / "reference.zarr",
         recon=RESULTS / "{subject}" / "recon" / "{method}.zarr",
+        # not on the command line: evaluate opens it through the path the reconstruction records, to check
+        # that the reference is the volume that was measured (medrecon/evaluate.py, check_same_volume)
+        measurement=RESULTS / "{subject}" / "measurement.zarr",
     output:
         RESULTS / "{subject}" / "metrics" / "{method}.json",
     params:
@@ -11,6 +14,8 @@ rule evaluate:
         LOGS / "{subject}" / "evaluate_{method}.log",
     benchmark:
         BENCH / "{subject}" / "evaluate_{method}.tsv"
+    conda:
+        "../envs/medrecon.yaml"
     threads: 1
     resources:
         mem_mb=3000,

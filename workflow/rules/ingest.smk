@@ -15,6 +15,8 @@ rule ingest:
         LOGS / "{subject}" / "ingest.log",
     benchmark:
         BENCH / "{subject}" / "ingest.tsv"
+    conda:
+        "../envs/medrecon.yaml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -10,6 +10,8 @@ rule measure:
         LOGS / "{subject}" / "measure.log",
     benchmark:
         BENCH / "{subject}" / "measure.tsv"
+    conda:
+        "../envs/medrecon.yaml"
     threads: 1
     resources:
         mem_mb=4000,

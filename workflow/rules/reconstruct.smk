@@ -1,23 +1,5 @@
-def method_config(wildcards):
-    """Only this method's parameters (and the shared reconstruct keys: seed, device) go to the job: editing one
-    method's parameters, or adding a method, reruns nothing else."""
-    rc = config["reconstruct"]
-    sub = {k: v for k, v in rc.items() if k not in ("params", "priors", "methods")}
-    sub["params"] = {wildcards.method: rc["params"].get(wildcards.method, {})}
-    return json.dumps({"reconstruct": sub, "memory_mb": config.get("memory_mb")}, sort_keys=True)
-
-
-SLAB_JOBS = int(config["reconstruct"].get("slab", {}).get("jobs", 1))
-
-
-def prior_input(wildcards):
-    """The subject's own prior for this method (subjects[].priors), else the study's for its modality."""
-    sub = SUBJECTS[wildcards.subject]
-    path = (sub.get("priors") or {}).get(wildcards.method) or \
-        config["reconstruct"]["priors"][sub["modality"]].get(wildcards.method)
-    return [] if not path else [path] if isinstance(path, str) else list(path)
-
-
+# Reconstruction: one job per subject and method, or (reconstruct.slab.jobs > 1) scattered over slab jobs and
+# gathered. Helpers (method_config, prior_input, SLAB_JOBS) are in common.smk.
 if SLAB_JOBS == 1:
 
     rule reconstruct:
@@ -35,12 +17,15 @@ if SLAB_JOBS == 1:
             LOGS / "{subject}" / "reconstruct_{method}.log",
         benchmark:
             BENCH / "{subject}" / "reconstruct_{method}.tsv"
+        conda:
+            "../envs/medrecon.yaml"
         threads: 1
         resources:
             mem_mb=8000,
             gpu=gpus_for(config["reconstruct"]["device"]),
         shell:
-            GPU_SLOT + " medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
+            "python -m medrecon.gpu_slots {resources.gpu} -- "
+            "medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
             "--config {params.config:q} {params.prior} > {log:q} 2>&1"
 
 else:
@@ -63,12 +48,15 @@ else:
             LOGS / "{subject}" / "reconstruct_{method}_part{part}.log",
         benchmark:
             BENCH / "{subject}" / "reconstruct_{method}_part{part}.tsv"
+        conda:
+            "../envs/medrecon.yaml"
         threads: 1
         resources:
             mem_mb=8000,
             gpu=gpus_for(config["reconstruct"]["device"]),
         shell:
-            GPU_SLOT + " medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
+            "python -m medrecon.gpu_slots {resources.gpu} -- "
+            "medrecon reconstruct {input.measurement:q} {output:q} --method {wildcards.method} "
             "--part {wildcards.part}/{params.jobs} --config {params.config:q} {params.prior} > {log:q} 2>&1"
 
     rule gather:
@@ -80,6 +68,8 @@ else:
             directory(RESULTS / "{subject}" / "recon" / "{method}.zarr"),
         log:
             LOGS / "{subject}" / "gather_{method}.log",
+        conda:
+            "../envs/medrecon.yaml"
         threads: 1
         resources:
             mem_mb=4000,

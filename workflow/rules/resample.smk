@@ -11,6 +11,8 @@ rule resample:
         LOGS / "{subject}" / "resample.log",
     benchmark:
         BENCH / "{subject}" / "resample.tsv"
+    conda:
+        "../envs/medrecon.yaml"
     threads: 1
     resources:
         mem_mb=2000,
