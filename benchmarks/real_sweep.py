@@ -85,7 +85,9 @@ def main() -> None:
             if not a.reference_only:
                 runs += [("dds", pr, name, st) for pr in priors for name, st in settings.items()]
             for method, prior, name, params in runs:
-                cfg = validate({**raw, "reconstruct": {**raw["reconstruct"], "params": {method: params}}}, a.config)
+                # the study's params of every other method stay (a warm start's init method uses its own)
+                all_params = {**raw["reconstruct"].get("params", {}), method: params}
+                cfg = validate({**raw, "reconstruct": {**raw["reconstruct"], "params": all_params}}, a.config)
                 out = work / f"{sid}-{method}-{name}-{Path(prior).stem if prior else ''}.zarr"
                 t0 = time.perf_counter()
                 reconstruct(meas, out, method, cfg, prior_path=prior)
