@@ -1,13 +1,14 @@
 """Step progress of iterative reconstructions: the samplers' per-step callback and the logger that throttles it.
 
-Every diffusion sampler reports each step to ``problem.progress`` (a field of
-:class:`~medrecon.recon.registry.ReconProblem`; None = no reporting, nothing computed), as crowsonkb/k-diffusion's
-samplers call their ``callback``: once per step, with a dict
+Every diffusion sampler, and the iterative classical CT solvers (cgls, sirt, tv), report each step to
+``problem.progress`` (a field of :class:`~medrecon.recon.registry.ReconProblem`; None = no reporting, nothing
+computed), as crowsonkb/k-diffusion's samplers call their ``callback``: once per step, with a dict
 
     ``i`` (0-based step index, counted over every sample pass), ``n`` (total steps = steps per pass x passes),
     ``elapsed_s`` (seconds since the sampler started), ``x0`` (the current estimate in the operator's image
     domain, ``(samples in this pass, *image_shape)``, detached), ``pass``/``passes``, and where the sampler
-    has them ``t`` (VP timestep) or ``sigma`` (noise level), and ``residual`` (relative ``||A x0 - y|| / ||y||``).
+    has them ``t`` (VP timestep) or ``sigma`` (noise level), and ``residual`` (relative ``||A x0 - y|| / ||y||``,
+    given only where the solver has it for free: cgls, sirt).
 
 A sampler uses :class:`StepReporter` (cheap when there is no callback). The reconstruct step fills
 ``problem.progress`` with :func:`logging_progress`, which logs one line every ``max(1, n // 10)`` steps, at

@@ -139,3 +139,19 @@ def test_reconstruct_job_log_shows_sampler_steps(tmp_path, caplog):
     steps = [line for line in lines if " step " in line]
     assert [s.split(",")[0] for s in steps] == [f"dds slab 1/1 step {k}/4" for k in (1, 2, 3, 4)]
     assert all("elapsed" in s and "residual" in s for s in steps)
+
+
+@pytest.mark.parametrize("method, params", [("cgls", {"n_iter": 5, "tol": 0.0}), ("sirt", {"n_iter": 6}),
+                                            ("tv", {"n_iter": 7})])
+def test_classical_iterative_methods_report_their_iterations(method, params):
+    calls: list[dict] = []
+    prob = dataclasses.replace(ct_problem(H, W), progress=calls.append)
+    res = METHODS[method](prob, params, None, None)
+    k = params["n_iter"]
+    assert [c["i"] for c in calls] == list(range(k)) and {c["n"] for c in calls} == {k}
+    assert calls[-1]["x0"].shape == res.samples.shape
+    torch.testing.assert_close(calls[-1]["x0"], res.samples)      # the last iterate is the result
+    assert not torch.equal(calls[0]["x0"], calls[-1]["x0"])        # each step's own estimate, not a view
+    if method in ("cgls", "sirt"):         # the residual they compute anyway
+        hist = res.info["history"]["rel_residual"]
+        assert [c["residual"] for c in calls] == pytest.approx(hist[1:] if method == "cgls" else hist[:-1])
