@@ -14,6 +14,7 @@ that each slab fills whole chunks (memory = one slab, flat in the number of slic
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from medrecon.errors import ConfigError, DeviceError, InputError
-from medrecon.measurement import measurement_writer
+from medrecon.measurement import Measurement, measurement_writer
 from medrecon.physics.operator import LinearOperator
 from medrecon.provenance import provenance
 from medrecon.volume import Volume, volume_fingerprint
@@ -167,9 +168,18 @@ def measure(volume_path: str | Path, out: str | Path, cfg: dict[str, Any],
     vol = Volume.open(volume_path)
     seed = int(cfg["measure"]["seed"])
     device = torch.device(device)
-    if vol.modality == "CT":
-        return measure_ct(vol, Path(out), cfg, seed, device)
-    if vol.modality == "MR":
-        return measure_mr(vol, Path(out), cfg, seed, device)
-    raise ConfigError(f"Volume {volume_path} has modality {vol.modality!r}; medrecon simulates CT or MR.",
-                      fix="set the subject's modality to CT or MR in the config.")
+    if vol.modality not in ("CT", "MR"):
+        raise ConfigError(f"Volume {volume_path} has modality {vol.modality!r}; medrecon simulates CT or MR.",
+                          fix="set the subject's modality to CT or MR in the config.")
+    t0 = time.perf_counter()
+    log.info("measuring %s %s (%s voxels) with %s on %s", vol.modality, volume_path,
+             " x ".join(map(str, vol.shape)), cfg["measure"]["ct" if vol.modality == "CT" else "mr"], device)
+    run = measure_ct if vol.modality == "CT" else measure_mr
+    path = run(vol, Path(out), cfg, seed, device)
+    meas = Measurement.open(path)
+    noise = meas.meta.get("noise") or {}
+    log.info("wrote measurement %s: data %s %s, noise %s%s, %.1f s", path, " x ".join(map(str, meas.y.shape)),
+             meas.y.dtype, noise.get("model", "none"),
+             f" (std {noise['std']:.4g})" if isinstance(noise.get("std"), float | int) else "",
+             time.perf_counter() - t0)
+    return path

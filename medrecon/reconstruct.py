@@ -23,6 +23,7 @@ from medrecon.device import pick_device
 from medrecon.errors import ConfigError, InputError
 from medrecon.measurement import Measurement
 from medrecon.provenance import config_hash, peak_rss_mb, provenance
+from medrecon.recon.progress import logging_progress
 from medrecon.recon.registry import ReconProblem, get_method, load_all, validate_params
 from medrecon.recon.slabs import (
     Slab,
@@ -168,9 +169,11 @@ def _initial_image(method: str, params: dict, problem: ReconProblem, per_slice: 
 
 def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, device: torch.device,
                   stats: VolumeStats | None = None, method: str | None = None,
-                  params: dict | None = None, all_params: dict | None = None) -> ReconProblem:
+                  params: dict | None = None, all_params: dict | None = None, n_slabs: int = 1) -> ReconProblem:
     """The inverse problem of one slab (for a per-slice operator: slices lo..hi-1 and their data), with the
-    starting image ``method`` wants (:func:`_initial_image`)."""
+    starting image ``method`` wants (:func:`_initial_image`) and, with ``method``, a progress callback that
+    logs the method's steps (``"<method> slab i/N step k/K, elapsed X s, ETA Y s, residual R"``,
+    :func:`~medrecon.recon.progress.logging_progress`)."""
     z, y_, x_ = meas.image_shape
     if per_slice and (slab.lo, slab.hi) != (0, z):
         op = op.slab(slab.lo, slab.hi) if hasattr(op, "slab") else op
@@ -186,6 +189,9 @@ def _slab_problem(meas: Measurement, op: Any, slab: Slab, per_slice: bool, devic
                                  "volume_stats": stats or {}})
     if method is not None:
         problem.init = _initial_image(method, params or {}, problem, per_slice, all_params)
+        # step lines in the job log: every tenth of the steps, at least every 30 s (residual on those only)
+        problem.progress = logging_progress(log, f"{method} slab {slab.index + 1}/{n_slabs}", problem.operator,
+                                            problem.y)
     return problem
 
 
@@ -304,7 +310,7 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
             log.info("%s: slab %d already finished (%s)", method, slab.index, target)
             continue
         problem = _slab_problem(meas, op, slab, per_slice, device, stats if len(plan) > 1 else None, method,
-                                params, rcfg["params"])
+                                params, rcfg["params"], len(plan))
         core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
         result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),
                                 device, core)

@@ -65,3 +65,20 @@ def test_mr_noise_level_matches_snr_and_ignores_slabbing(tmp_path):
     Volume.from_array(tmp_path / "mr6.zarr", whole.read(), whole.geometry, whole.meta, chunk_depth=6)
     k6 = Measurement.open(measure(tmp_path / "mr6.zarr", tmp_path / "n6.zarr", cfg)).read()
     np.testing.assert_allclose(k6, k, rtol=1e-5, atol=1e-6)
+
+
+def test_measure_logs_what_it_simulated_and_wrote(tmp_path, caplog):
+    import logging
+
+    from medrecon import config as cfgmod
+    from medrecon.io.phantoms import write_phantom_volume
+    from medrecon.measure import measure
+
+    vol = write_phantom_volume("ct_chest", tmp_path / "ct.zarr", (2, 16, 16), (4.0, 3.0, 3.0), 0)
+    with caplog.at_level(logging.INFO, logger="medrecon.measure"):
+        out = measure(vol, tmp_path / "m.zarr", cfgmod.validate({"measure": {"ct": {"views": 8}}}))
+    lines = [r.getMessage() for r in caplog.records if r.name == "medrecon.measure"]
+    assert any(line.startswith(f"measuring CT {vol} (2 x 16 x 16 voxels)") and "'views': 8" in line
+               for line in lines)
+    assert any(line.startswith(f"wrote measurement {out}: data 2 x 8 x ") and "noise ct_poisson" in line
+               for line in lines)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import math
 import os
 import sys
@@ -88,6 +89,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # Keys that may change between a run and its resumption without breaking it (every task's config).
 _RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "device", "num_workers", "cache_mb", "amp", "save_raw")
 LOG_COLUMNS = ("step", "loss", "lr", "seconds")
+# Status lines when the progress bar is off (stderr not a terminal: Snakemake job logs): every this fraction of
+# the run's steps and at least every STATUS_INTERVAL_S seconds (NVlabs/edm's training loop logs alike).
+STATUS_FRACTION = 20
+STATUS_INTERVAL_S = 60.0
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_train_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -232,6 +239,37 @@ class LossLog:
         self._f.close()
 
 
+class StatusLog:
+    """``"<name>: step s/S loss L (EMA E) lr X, Y s/step, ETA Z"`` lines to the module's logger, for runs whose
+    progress bar is off: the first step, every ``max(1, S // STATUS_FRACTION)`` steps, at least every
+    ``STATUS_INTERVAL_S`` seconds, and the last step. Only reads numbers the loop has anyway (no effect on
+    the training's numbers)."""
+
+    def __init__(self, name: str, start: int, stop: int, total: int, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.name, self.start, self.stop, self.total = name, start, stop, total
+        self.every = max(1, total // STATUS_FRACTION)
+        self.clock = clock
+        self.t0 = self.last = clock()
+        self.ema: float | None = None
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        now = self.clock()
+        if not (step == self.start + 1 or step == self.stop or step % self.every == 0
+                or now - self.last >= STATUS_INTERVAL_S):
+            return
+        self.last = now
+        per_step = (now - self.t0) / max(1, step - self.start)
+        logger.info("%s: step %d/%d loss %.4g (EMA %.4g) lr %.3g, %.3g s/step, ETA %s", self.name, step, self.total,
+                    loss, self.ema, lr, per_step, _duration(per_step * (self.total - step)))
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def loss_log_path(checkpoint: str | Path) -> Path:
     """The CSV loss log written next to a checkpoint."""
     p = Path(checkpoint)
@@ -360,7 +398,12 @@ def run_training(task: TrainingTask, cfg: dict[str, Any], dataset: TrainingDatas
                             "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
                             "rng_torch": torch.get_rng_state()})
 
-    bar = tqdm(total=stop, initial=start, desc=f"train {task.name}", disable=not sys.stderr.isatty())
+    quiet_bar = not sys.stderr.isatty()
+    bar = tqdm(total=stop, initial=start, desc=f"train {task.name}", disable=quiet_bar)
+    status = StatusLog(task.name, start, stop, cfg["steps"]) if quiet_bar else None
+    logger.info("training %s on %s: %d items, %d parameters, steps %d..%d of %d%s", task.name, device,
+                len(dataset), count_parameters(net), start + 1, stop, cfg["steps"],
+                f" (resumed from {rpath})" if start else "")
     step = start
     try:
         for keys_batch in loader:
@@ -386,6 +429,8 @@ def run_training(task: TrainingTask, cfg: dict[str, Any], dataset: TrainingDatas
             losses.append(value)
             log.write(step, value, lr, elapsed)
             bar.update(1)
+            if status is not None:
+                status.update(step, value, lr)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{value:.4f}")
             if step % cfg["checkpoint_every"] == 0 and step < cfg["steps"]:
@@ -395,6 +440,7 @@ def run_training(task: TrainingTask, cfg: dict[str, Any], dataset: TrainingDatas
         log.close()
     result = TrainResult(None, step, start, losses, elapsed, count_parameters(net))
     if step < cfg["steps"]:
+        logger.info("training %s stopped at step %d of %d (resume file %s)", task.name, step, cfg["steps"], rpath)
         return result
     if start < step or not rpath.is_file():
         save_state(step)
@@ -404,6 +450,7 @@ def run_training(task: TrainingTask, cfg: dict[str, Any], dataset: TrainingDatas
                     provenance=provenance(cfg, seeds={"train": cfg["seed"]}, training_seconds=elapsed,
                                           parameters=result.parameters))
     result.checkpoint = out
+    logger.info("training %s finished: %d steps, %.1f s, checkpoint %s", task.name, step, elapsed, out)
     return result
 
 

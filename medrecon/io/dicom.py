@@ -307,10 +307,12 @@ def scan(src: str | Path) -> ScanResult:
     root = Path(src)
     if not root.exists():
         raise InputError(f"DICOM input {root} does not exist.", fix="check the path.")
+    n_files = 0
     series: dict[str, SeriesInfo] = {}
     without_uid: list[tuple[pydicom.Dataset, SliceHeader]] = []
     skipped: list[tuple[Path, str]] = []
     for path in _walk(root):
+        n_files += 1
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
         except InvalidDicomError:
@@ -338,6 +340,13 @@ def scan(src: str | Path) -> ScanResult:
         log.warning("DICOM under %s: %s (SeriesInstanceUID missing or empty, as anonymisers often leave it): "
                     "%s; treated as one series.", root, info.identity, info.fallback_text)
     ordered = sorted([*series.values(), *fallback], key=lambda s: (_series_number_key(s.number), s.key))
+    counts: dict[str, int] = {}
+    for _path, reason in skipped:
+        counts[_category(reason)] = counts.get(_category(reason), 0) + 1
+    log.info("DICOM under %s: %d files read, %d series, %d skipped%s", root, n_files, len(ordered), len(skipped),
+             f" ({', '.join(f'{n} {c}' for c, n in counts.items())})" if counts else "")
+    for info in ordered:
+        log.info("  series: %s", info.summary())
     return ScanResult(root, ordered, skipped)
 
 
@@ -823,6 +832,11 @@ def ingest_dicom(src: str | Path, out: str | Path, options: DicomOptions | None 
                          fix=f"pass `timepoint` (0..{len(plans) - 1}) or give a directory as output.")
     for p in plans:
         check_ingest_budget(f"DICOM {p.series.label}", p.shape, memory_mb)
+        g = p.geometry
+        notes = [k for k in ("deshear", "resampled_along_normal") if p.facts.get(k)]
+        log.info("DICOM %s%s: %d files -> %d x %d x %d voxels (z, y, x), spacing %.4g x %.4g x %.4g mm%s",
+                 p.series.label, "" if p.timepoint is None else f" time point {p.timepoint}", len(p.files),
+                 *p.shape, *g.spacing, f" ({', '.join(notes)})" if notes else "")
     metas = [_meta(p, options, scanned, meta_extra or {}) for p in plans]
     if single:
         return [write_plan(plans[0], out, metas[0])]

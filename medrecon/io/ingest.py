@@ -8,6 +8,7 @@ shipped data), anything else → DICOM.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,41 @@ from medrecon.budget import check_ingest_budget
 from medrecon.config import PHANTOM_PREFIX
 from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import provenance
-from medrecon.volume import Volume
+from medrecon.volume import Geometry, Volume
+
+log = logging.getLogger("medrecon.io.ingest")
+
+
+def axis_codes(geometry: Geometry) -> str:
+    """Where the array's x, y, z axes point in the patient (LPS letters, e.g. ``"LPS"`` for the default grid:
+    x toward the patient's left, y posterior, z superior; a flipped axis gives R, A or I)."""
+    d = geometry.direction_matrix        # columns: the z, y, x axes in LPS
+    codes = []
+    for col in (2, 1, 0):
+        v = d[:, col]
+        k = int(np.argmax(np.abs(v)))
+        codes.append("LPS"[k] if v[k] > 0 else "RAI"[k])
+    return "".join(codes)
+
+
+def describe_volume(path: str | Path) -> str:
+    """One line about a written volume: modality, shape, spacing, orientation, value range."""
+    vol = Volume.open(path)
+    g = vol.geometry
+    z, y, x = vol.shape
+    text = (f"{vol.meta.get('modality', '?')} volume {path}: {z} x {y} x {x} voxels (z, y, x), spacing "
+            f"{g.spacing[0]:.4g} x {g.spacing[1]:.4g} x {g.spacing[2]:.4g} mm, orientation {axis_codes(g)} "
+            f"(x, y, z toward {', '.join(axis_codes(g))}), origin ({', '.join(f'{o:.1f}' for o in g.origin)}) mm")
+    vr = vol.meta.get("value_range")
+    if isinstance(vr, list | tuple) and len(vr) == 2:
+        text += f", values {vr[0]:.4g}..{vr[1]:.4g} {vol.meta.get('units', '')}".rstrip()
+    return text
+
+
+def _log_outputs(paths: list[Path]) -> list[Path]:
+    for p in paths:
+        log.info("wrote %s", describe_volume(p))
+    return paths
 
 
 def input_format(src: str | Path) -> str:
@@ -82,7 +117,9 @@ def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality
         spec = parse_phantom_spec(str(src))
         if len(spec["shape"]) == 3:  # a malformed shape is write_phantom_volume's error to report
             check_ingest_budget(src, spec["shape"], memory_mb)
-        return [write_phantom_volume(**spec, out_zarr=out)]
+        log.info("ingest: phantom %s (seed %d, shape %s, spacing %s mm)", spec["kind"], spec["seed"],
+                 spec["shape"], spec["spacing"])
+        return _log_outputs([write_phantom_volume(**spec, out_zarr=out)])
     src, out = Path(src), Path(out)
     if not src.exists():
         raise InputError(f"Input {src} does not exist.", fix="check the subject's 'input' path in the config.")
@@ -91,15 +128,16 @@ def ingest(src: str | Path, out: str | Path, config: dict[str, Any], *, modality
     if modality:
         meta_extra["modality"] = modality
     fmt = input_format(src)
+    log.info("ingest: %s input %s -> %s", fmt, src, out)
     if fmt == "zarr":
-        return copy_volume(src, out, meta_extra, memory_mb)
+        return _log_outputs(copy_volume(src, out, meta_extra, memory_mb))
     if fmt == "nifti":
         from medrecon.io.nifti import ingest_nifti
 
-        return ingest_nifti(src, out, on_4d=opts["on_4d"], timepoint=timepoint,
-                            meta_extra=meta_extra, memory_mb=memory_mb)
+        return _log_outputs(ingest_nifti(src, out, on_4d=opts["on_4d"], timepoint=timepoint,
+                                         meta_extra=meta_extra, memory_mb=memory_mb))
     from medrecon.io.dicom import DicomOptions, ingest_dicom
 
     options = DicomOptions(**{k: v for k, v in opts.items() if k in DicomOptions.__dataclass_fields__})
-    return ingest_dicom(src, out, options, series=series, timepoint=timepoint, meta_extra=meta_extra,
-                        memory_mb=memory_mb)
+    return _log_outputs(ingest_dicom(src, out, options, series=series, timepoint=timepoint,
+                                     meta_extra=meta_extra, memory_mb=memory_mb))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import logging
 import os
 import shutil
 import warnings
@@ -48,6 +49,8 @@ from medrecon.budget import check_ingest_budget
 from medrecon.errors import ConfigError, InputError
 from medrecon.provenance import file_sha256, provenance
 from medrecon.volume import Geometry, Volume, slab_ranges
+
+log = logging.getLogger("medrecon.io.nifti")
 
 CANONICAL_AXCODES = ("L", "P", "S")  # voxel axes (i, j, k) = medrecon array axes (x, y, z)
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -347,6 +350,10 @@ def ingest_nifti(
     whose working set would not fit (:func:`medrecon.budget.check_ingest_budget`).
     """
     source = open_nifti(src)
+    f = source.facts
+    log.info("NIfTI %s: shape in file %s, orientation in file %s (affine from %s), %d time point(s)%s",
+             source.path, f["shape_in_file"], f["orientation_in_file"], f["affine_source"], source.n_timepoints,
+             f", description '{f['description']}'" if f.get("description") else "")
     check_ingest_budget(source.path, source.shape, memory_mb, whole_volume=not source.streamable)
     out = Path(out)
     extra = dict(meta_extra or {})

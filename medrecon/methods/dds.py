@@ -45,6 +45,7 @@ from medrecon.methods.sampling import (
     sample_chunks,
     warm_start_image,
 )
+from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 DDS_DEFAULTS: dict[str, Any] = {
@@ -80,7 +81,9 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
     n_sys_dims = 1 + (len(lay.image_shape) - len(op.in_shape) if p["cg_per_slice"] else 0)
     t_start = time.perf_counter()
     outs = []
-    for n in sample_chunks(int(p["samples"]), p["sample_batch"]):
+    chunks = sample_chunks(int(p["samples"]), p["sample_batch"])
+    report = StepReporter(problem.progress, len(pairs), len(chunks))
+    for n in chunks:
         shape = lay.batch_shape(n)
         cond = prior.batch_cond(n)
         state = ZTVState()
@@ -101,6 +104,8 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
                     xi = cg_normal(op, None, xi, int(p["cg_iter"]), w["lam"], float(p["cg_tol"]),
                                    n_batch=n_sys_dims, aty=aty)
                 x0 = lay.batch(xi)
+                if report:
+                    report(xi, t=int(t), sigma=float(sigma))
                 noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype) \
                     if t_next >= 0 else None
                 x = ddim_step(x0, eps, ab, ab_next, float(p["eta"]), noise, p["eta_convention"])

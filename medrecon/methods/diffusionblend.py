@@ -80,6 +80,7 @@ from medrecon.methods.sampling import (
     sample_chunks,
     warm_start_image,
 )
+from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 BLEND_DEFAULTS: dict[str, Any] = {
@@ -267,7 +268,9 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
     t_start = time.perf_counter()
     outs, res_prior, res_dc = [], [], []
     slab_evals = 0
-    for n in sample_chunks(int(p["samples"]), p["sample_batch"]):
+    chunks = sample_chunks(int(p["samples"]), p["sample_batch"])
+    report = StepReporter(problem.progress, len(pairs), len(chunks))
+    for n in chunks:
         shape = lay.batch_shape(n)
         state = ZTVState()
         x = torch.randn(shape, generator=generator, dtype=torch.float64, device=gen_dev).to(device=dev, dtype=lay.dtype)
@@ -292,6 +295,8 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
                                    n_batch=1, aty=aty)
                 step_rd.append(float(lay.residual_norms(xi).mean()))
                 x0 = lay.batch(xi)
+                if report:
+                    report(xi, t=int(t), sigma=float(sigma), partition=part.kind)
                 noise = torch.randn(shape, generator=generator, dtype=torch.float64, device=gen_dev).to(
                     device=dev, dtype=lay.dtype) if t_next >= 0 else None
                 x = ddim_step(x0, eps, ab, ab_next, float(p["eta"]), noise, "dds")

@@ -44,6 +44,7 @@ from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddpm_step
 from medrecon.errors import ConfigError
 from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 
@@ -70,7 +71,9 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
     reset_nfe(den)
     t_start = time.perf_counter()
     outs, last_norm = [], []
-    for n in sample_chunks(int(p["samples"]), p["sample_batch"]):
+    chunks = sample_chunks(int(p["samples"]), p["sample_batch"])
+    report = StepReporter(problem.progress, len(pairs), len(chunks))
+    for n in chunks:
         shape = lay.batch_shape(n)
         cond = prior.batch_cond(n)
         x = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
@@ -79,7 +82,8 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
             sigma = ((1 - ab) / ab).sqrt()
             x = x.detach().requires_grad_(True)
             x0 = den(x / ab.sqrt().to(lay.dtype), sigma.to(lay.dtype), cond)
-            norms = lay.residual_norms(lay.image(x0, n))
+            xi = lay.image(x0, n)
+            norms = lay.residual_norms(xi)
             if p["guidance"] == "norm":
                 (grad,) = torch.autograd.grad(norms.sum(), x)
                 step = zeta
@@ -92,6 +96,8 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
                 noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype) \
                     if t_next >= 0 else None
                 x = ddpm_step(x, x0.detach(), ab, ab_next, noise) - step * grad
+            if report:
+                report(xi, t=int(t), sigma=float(sigma))
         outs.append(lay.image(x.detach(), n))
         last_norm.append(norms.detach().reshape(-1))
     samples = torch.cat(outs)

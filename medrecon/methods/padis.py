@@ -55,6 +55,7 @@ from medrecon.diffusion.patches import PatchDenoiser, axis_tiling, crop_image, p
 from medrecon.diffusion.schedules import EDMSchedule
 from medrecon.errors import ConfigError, InputError
 from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 PADIS_DEFAULTS: dict[str, Any] = {
@@ -194,7 +195,9 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
     reset_nfe(prior.denoiser)
     t_start = time.perf_counter()
     outs, last = [], []
-    for n in sample_chunks(int(p["samples"]), p["sample_batch"]):
+    chunks = sample_chunks(int(p["samples"]), p["sample_batch"])
+    report = StepReporter(problem.progress, len(sigmas), len(chunks))
+    for n in chunks:
         x = to_state(z0.expand(n, *z0.shape).contiguous(), n)
         norms = None
         for i, sigma in enumerate(sigmas.tolist()):
@@ -202,7 +205,8 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
             for _ in range(int(p["inner"])):
                 x = x.detach().requires_grad_(zeta > 0)
                 d = den(x, sigma)
-                norms = lay.residual_norms(lay.image(to_batch(d), n))
+                xi = lay.image(to_batch(d), n)
+                norms = lay.residual_norms(xi)
                 if zeta > 0:
                     loss = norms.pow(2).sum() / 2 if p["guidance"] == "landweber" else norms.sum()
                     (grad,) = torch.autograd.grad(loss, x)
@@ -213,6 +217,8 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
                     if i < len(sigmas) - 1:
                         x = x + math.sqrt(alpha) * torch.randn(x.shape, generator=generator,
                                                                dtype=torch.float64).to(x.device, dt)
+            if report:
+                report(xi, sigma=float(sigma))
         x = x.detach()
         outs.append(lay.image(to_batch(x), n))
         last.append(norms.detach().reshape(-1))

@@ -69,6 +69,7 @@ from medrecon.diffusion.latent import LatentPrior, randn_like_gen, stochastic_re
 from medrecon.diffusion.schedules import ddim_step
 from medrecon.errors import ConfigError
 from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 LATENT_DPS_DEFAULTS: dict[str, Any] = {"steps": 500, "eta": 0.0, "dps_scale": 0.5, "samples": 1,
@@ -202,20 +203,25 @@ def _sample(method: str, problem: ReconProblem, p: dict[str, Any], prior: Latent
 
     split = steps // int(p["splits"]) if hard else 0
     outs, residuals = [], []
-    for n in sample_chunks(int(p["samples"]), p["sample_batch"]):
+    chunks = sample_chunks(int(p["samples"]), p["sample_batch"])
+    report = StepReporter(problem.progress, len(pairs), len(chunks))
+    for n in chunks:
         z = torch.randn((n * lay.n_slices, cz, h, w), generator=generator, dtype=torch.float64,
                         device=generator.device if generator is not None else None).to(lay.dtype)
         for i, (t, t_next) in enumerate(pairs):
             ab, ab_next = sched.alpha_bar(t), sched.alpha_bar(t_next)
             z = z.detach().requires_grad_(True)
             z0 = tweedie(z, t)
-            norms = lay.residual_norms(lay.image(codec.decode(z0), n))
+            xi = lay.image(codec.decode(z0), n)
+            norms = lay.residual_norms(xi)
             (grad,) = torch.autograd.grad(norms.sum(), z)
             with torch.no_grad():
                 eps = ((z - ab.sqrt() * z0) / (1 - ab).sqrt()).to(lay.dtype)
                 noise = randn_like_gen(z, generator) if eta > 0 and t_next >= 0 else None
                 z_prime = ddim_step(z0.detach(), eps, ab, ab_next, eta, noise) - dps_scale * float(ab) * grad
             index = steps - 1 - i
+            if report:
+                report(xi, t=int(t))
             if not (hard and 0 < index <= steps - split and index % int(p["dc_every"]) == 0):
                 z = z_prime.detach()
                 continue

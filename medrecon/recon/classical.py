@@ -32,6 +32,7 @@ import torch
 
 from medrecon.errors import ConfigError
 from medrecon.physics.operator import LinearOperator
+from medrecon.recon.progress import Progress, StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
 # Power iteration under-estimates ||A||; a 5% margin keeps tau * sigma * ||K||^2 < 1 for PDHG.
@@ -93,12 +94,13 @@ def operator_norm(op: LinearOperator, device: torch.device | str | None = None, 
 # ------------------------------------------------------------------------------------------------- CGLS
 
 def cgls(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_iter: int = 50,
-         tol: float = 1e-6) -> tuple[torch.Tensor, SolverInfo]:
+         tol: float = 1e-6, progress: Progress | None = None) -> tuple[torch.Tensor, SolverInfo]:
     """Least squares ``min ||A x - y||`` by CGLS, one independent CG per batch element (slice).
 
     Stops before ``n_iter`` when every slice has ||A^H r|| <= tol * ||A^H y|| (the normal-equation residual:
     unlike ||r|| it goes to zero for inconsistent data too). History: relative residual ||r|| / ||y|| (all
     slices together) before each iteration and at the end, and the worst slice's relative normal residual.
+    ``progress``: called after every iteration (:mod:`medrecon.recon.progress`).
     """
     nin, nout = len(op.in_shape), len(op.out_shape)
     with torch.no_grad():
@@ -110,6 +112,7 @@ def cgls(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_
         ref = _batched_sq(op.adjoint(y), nin).sqrt()
         y_norm = max(float(_batched_sq(y, nout).sum().sqrt()), 1e-30)
         info = SolverInfo(history={"rel_residual": [], "rel_normal_residual": []})
+        report = StepReporter(progress, int(n_iter))
 
         def record() -> float:
             info.history["rel_residual"].append(float(_batched_sq(r, nout).sum().sqrt()) / y_norm)
@@ -131,6 +134,8 @@ def cgls(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_
             p = s + _expand(beta, nin, s.dtype) * p
             gamma = gamma_new
             info.n_iter += 1
+            if report:
+                report(x.unsqueeze(0).clone(), residual=float(_batched_sq(r, nout).sum().sqrt()) / y_norm)
         else:
             record()
     return x, info
@@ -139,13 +144,14 @@ def cgls(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_
 # ------------------------------------------------------------------------------------------------- SIRT
 
 def sirt(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_iter: int = 100,
-         nonneg: bool = True, relax: float = 1.0) -> tuple[torch.Tensor, SolverInfo]:
+         nonneg: bool = True, relax: float = 1.0, progress: Progress | None = None) -> tuple[torch.Tensor, SolverInfo]:
     """SIRT: ``x <- x + relax * C A^T R (y - A x)``, R = 1/(A 1), C = 1/(A^T 1), optional clamp at 0.
 
     Rows / columns whose sum is zero (rays missing the image, pixels no ray sees) get weight 0. The
     iteration is a gradient descent on ||A x - y||_R^2 in the C^{-1} metric, so for 0 < relax < 2 (and
     without the clamp) the R-weighted residual, recorded in ``history['weighted_residual']`` together with
     the plain ``rel_residual``, decreases monotonically. Requires a real operator with non-negative entries.
+    ``progress``: called after every iteration (:mod:`medrecon.recon.progress`).
     """
     if op.in_dtype.is_complex or op.out_dtype.is_complex:
         raise ConfigError("SIRT needs a real operator with non-negative entries (CT); got a complex one",
@@ -163,6 +169,7 @@ def sirt(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_
         C = torch.where(col > eps_c, 1.0 / col.clamp_min(eps_c), torch.zeros_like(col))
         y_norm = max(float(_batched_sq(y, nout).sum().sqrt()), 1e-30)
         info = SolverInfo(history={"rel_residual": [], "weighted_residual": []})
+        report = StepReporter(progress, int(n_iter))
         for _ in range(int(n_iter)):
             r = y - op.forward(x)
             info.history["rel_residual"].append(float(_batched_sq(r, nout).sum().sqrt()) / y_norm)
@@ -171,6 +178,8 @@ def sirt(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_
             if nonneg:
                 x.clamp_(min=0)
             info.n_iter += 1
+            if report:    # the residual is the one before this update (no extra forward)
+                report(x.unsqueeze(0).clone(), residual=info.history["rel_residual"][-1])
         r = y - op.forward(x)
         info.history["rel_residual"].append(float(_batched_sq(r, nout).sum().sqrt()) / y_norm)
         info.history["weighted_residual"].append(float((r.double().square() * R.double()).sum()))
@@ -243,7 +252,8 @@ def _project_ball(q: torch.Tensor, radius: float) -> torch.Tensor:
 def tv_pdhg(op: LinearOperator, y: torch.Tensor, lam: float, x0: torch.Tensor | None = None,
             n_iter: int = 200, nonneg: bool = False, tv_ndim: int = 3,
             spacing: tuple[float, ...] | None = None, tol: float = 0.0,
-            norm: float | None = None, record_every: int = 10) -> tuple[torch.Tensor, SolverInfo]:
+            norm: float | None = None, record_every: int = 10, progress: Progress | None = None
+            ) -> tuple[torch.Tensor, SolverInfo]:
     """``min_x 1/2 ||A x - y||^2 + lam * TV(x)`` (x >= 0 if ``nonneg``) by Chambolle-Pock PDHG.
 
     ``lam`` is absolute here (image units x measurement units); :func:`tv_method` converts the config's
@@ -258,7 +268,8 @@ def tv_pdhg(op: LinearOperator, y: torch.Tensor, lam: float, x0: torch.Tensor | 
 
     History: the primal objective at the start, every ``record_every`` iterations and at the end
     (``history['objective_iter']`` says which). With ``tol`` > 0 the run stops when the relative change of
-    x between iterations falls below ``tol`` (checked every iteration).
+    x between iterations falls below ``tol`` (checked every iteration). ``progress``: called after every
+    iteration (:mod:`medrecon.recon.progress`).
     """
     if nonneg and op.in_dtype.is_complex:
         raise ConfigError("non-negativity does not apply to complex images", fix="set nonneg: false.")
@@ -295,6 +306,7 @@ def tv_pdhg(op: LinearOperator, y: torch.Tensor, lam: float, x0: torch.Tensor | 
             info.history["objective_iter"].append(info.n_iter)
 
         record()
+        report = StepReporter(progress, int(n_iter))
         every = max(1, int(record_every))
         for _ in range(int(n_iter)):
             p = (p + sigma * (ax_bar - y)) / (1.0 + sigma)
@@ -311,6 +323,8 @@ def tv_pdhg(op: LinearOperator, y: torch.Tensor, lam: float, x0: torch.Tensor | 
                 change = dx / max(float(_batched_sq(x_new, 0).sum().sqrt()), 1e-30)
             x, ax = x_new, ax_new
             info.n_iter += 1
+            if report:
+                report(x.unsqueeze(0))
             if info.n_iter % every == 0:
                 record()
             if tol > 0 and change < tol:
@@ -363,7 +377,7 @@ def cgls_method(problem: ReconProblem, params: dict, prior: Any = None,
     ``init`` ('problem' | 'zeros', 'problem')."""
     t0 = time.perf_counter()
     x, info = cgls(problem.operator, problem.y, _init(problem, params), n_iter=int(params["n_iter"]),
-                   tol=float(params["tol"]))
+                   tol=float(params["tol"]), progress=problem.progress)
     return _result(x, problem, info, t0, nfe=2 * info.n_iter + 2)
 
 
@@ -376,7 +390,7 @@ def sirt_method(problem: ReconProblem, params: dict, prior: Any = None,
     ``init`` ('problem' | 'zeros', 'problem')."""
     t0 = time.perf_counter()
     x, info = sirt(problem.operator, problem.y, _init(problem, params), n_iter=int(params["n_iter"]),
-                   nonneg=bool(params["nonneg"]), relax=float(params["relax"]))
+                   nonneg=bool(params["nonneg"]), relax=float(params["relax"]), progress=problem.progress)
     return _result(x, problem, info, t0, nfe=2 * info.n_iter + 3)
 
 
@@ -425,5 +439,5 @@ def tv_method(problem: ReconProblem, params: dict, prior: Any = None,
         raise ConfigError(f"tv_ndim must be 2 or 3, got {tv_ndim}", fix="set params.tv.tv_ndim to 2 or 3.")
     x0 = _init(problem, params)
     x, info = tv_pdhg(op, problem.y, lam, x0=x0, n_iter=int(params["n_iter"]), nonneg=bool(params["nonneg"]),
-                      tv_ndim=tv_ndim, spacing=spacing, tol=float(params["tol"]))
+                      tv_ndim=tv_ndim, spacing=spacing, tol=float(params["tol"]), progress=problem.progress)
     return _result(x, problem, info, t0, nfe=2 * info.n_iter + 2 + 60)

@@ -50,6 +50,8 @@ class ReconProblem:
         noise_std: standard deviation of the measurement noise where known (per measurement sample).
         init: optional starting image (e.g. FBP) in the image domain.
         meta: anything else the method may use (geometry, normalisation).
+        progress: per-step callback of iterative methods (:mod:`medrecon.recon.progress`: every diffusion
+            sampler calls it once per step with ``{"i", "n", "elapsed_s", "x0", ...}``); None = silent.
     """
 
     y: torch.Tensor
@@ -59,6 +61,7 @@ class ReconProblem:
     noise_std: float | None = None
     init: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass

@@ -97,6 +97,26 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run_bit_for_bit(full_run, d
     assert load_checkpoint(out).step == 100
 
 
+def test_status_lines_when_stderr_is_not_a_terminal(discs, tmp_path, caplog):
+    """Under Snakemake (stderr to a file) the bar is off: status lines every steps // 20, first and last step;
+    a resumed run continues the count from its resume step."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="medrecon.diffusion.train")
+    out = tmp_path / "p.pt"
+    train(cfg(steps=40, checkpoint_every=10), discs, out, modality="CT", normalisation=CT, stop_at=25)
+    train(cfg(steps=40, checkpoint_every=10), discs, out, modality="CT", normalisation=CT)
+    lines = [r.getMessage() for r in caplog.records if r.name == "medrecon.diffusion.train"]
+    status = [line for line in lines if " loss " in line]
+    steps = [int(line.split("step ")[1].split("/")[0]) for line in status]
+    assert steps == [1, *range(2, 25, 2), 25, 21, *range(22, 41, 2)]
+    assert all(line.startswith("slice prior: step ") and "/40 loss " in line and "(EMA " in line
+               and " lr " in line and " s/step, ETA " in line for line in status)
+    assert any("resumed from" in line and "steps 21..40" in line for line in lines)
+    assert any("stopped at step 25" in line for line in lines)
+    assert any("finished: 40 steps" in line for line in lines)
+
+
 def test_resume_with_a_changed_config_is_refused(full_run, discs, tmp_path):
     _, out_full = full_run
     out = tmp_path / "prior.pt"

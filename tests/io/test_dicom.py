@@ -488,3 +488,33 @@ def test_plan_reports_geometry_without_reading_pixels(tmp_path: Path) -> None:
             fh.truncate(f.stat().st_size - 20)
     (plan,) = plan_series(scan(tmp_path / "dcm").series[0])
     assert plan.shape == (4, 6, 6) and plan.geometry.isclose(Geometry(SPACING, ORIGIN))
+
+
+def test_ingest_logs_series_skipped_files_shape_spacing_orientation_and_output(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The ingest job's log says what was found and what was written (the CLI logs medrecon at INFO)."""
+    from medrecon import config as cfgmod
+    from medrecon.io.ingest import ingest
+
+    files = write_dicom_series(_ct((5, 6, 7)), Geometry(SPACING, ORIGIN), tmp_path / "dcm", rescale_slope=0.5,
+                               series_description="thorax 2.5 mm", series_number=4)
+    (tmp_path / "dcm" / "notes.txt").write_text("not an image\n")
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    with caplog.at_level(logging.INFO, logger="medrecon"):
+        out = ingest(tmp_path / "dcm", tmp_path / "v.zarr", cfgmod.validate({}))
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("medrecon.io"))
+    assert f"DICOM under {tmp_path / 'dcm'}: 6 files read, 1 series, 1 skipped (1 not a DICOM file)" in text
+    assert f"SeriesNumber 4, 'thorax 2.5 mm', CT, 5 files, SeriesInstanceUID {uid}" in text
+    assert "notes.txt" in text
+    assert "5 files -> 5 x 6 x 7 voxels (z, y, x), spacing 2.5 x 0.8 x 0.7 mm" in text
+    assert (f"wrote CT volume {out[0]}: 5 x 6 x 7 voxels (z, y, x), spacing 2.5 x 0.8 x 0.7 mm, "
+            "orientation LPS (x, y, z toward L, P, S)") in text
+
+
+def test_axis_codes_follow_the_direction_cosines() -> None:
+    from medrecon.io.ingest import axis_codes
+
+    assert axis_codes(Geometry()) == "LPS"
+    # sagittal: x along -P (anterior), y along -S (inferior), z along L
+    sag = _direction(np.array([0.0, -1.0, 0.0]), np.array([0.0, 0.0, -1.0]))
+    assert axis_codes(Geometry(direction=sag)) == "AIL"
