@@ -139,6 +139,21 @@ class VolumeStats:
         return stats, samples
 
 
+MODALITY_KEYS = ("CT", "MR")
+
+
+def modality_params(value: dict, modality: str) -> dict:
+    """A method's study parameters for one modality: ``reconstruct.params.<method>`` may hold ``CT:`` / ``MR:``
+    sub-mappings that override the shared keys for that modality (e.g. DDS's z-TV and warm start chosen on CT,
+    its MR start from L1-wavelet), since one method often needs different settings per modality."""
+    shared = {k: v for k, v in value.items() if k not in MODALITY_KEYS}
+    own = value.get(modality) or {}
+    if not isinstance(own, dict):
+        raise ConfigError(f"reconstruct.params: the {modality} entry must be a mapping of parameters, got {own!r}",
+                          fix=f"write e.g. {modality}: {{samples: 8}} under the method's params")
+    return {**shared, **own}
+
+
 def _initial_image(method: str, params: dict, problem: ReconProblem, per_slice: bool,
                    all_params: dict | None = None) -> torch.Tensor | None:
     """The starting image the method documents (registry ``init``).
@@ -255,7 +270,8 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
         raise ConfigError(f"Method {method!r} does not apply to {meas.modality} data ({measurement_path}).",
                           fix=f"list it under reconstruct.methods.{spec.modalities[0]} instead.")
     rcfg = config["reconstruct"]
-    params = dict(rcfg["params"].get(method, {}))
+    study_params = {name: modality_params(value, meas.modality) for name, value in rcfg["params"].items()}
+    params = dict(study_params.get(method, {}))
     validate_params(method, params)       # a typo in the config fails here, before any prior is loaded
     settings = slab_settings(rcfg)
     device = pick_device(rcfg["device"], "reconstruct.device")
@@ -310,7 +326,7 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
             log.info("%s: slab %d already finished (%s)", method, slab.index, target)
             continue
         problem = _slab_problem(meas, op, slab, per_slice, device, stats if len(plan) > 1 else None, method,
-                                params, rcfg["params"], len(plan))
+                                params, study_params, len(plan))
         core = slice(slab.start - slab.lo, slab.stop - slab.lo) if per_slice else slice(None)
         result, record = _solve(method, problem, params, prior, _slab_generator(seed, slab, len(plan)),
                                 device, core)

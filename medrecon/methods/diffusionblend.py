@@ -83,9 +83,10 @@ from medrecon.methods.sampling import (
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
+# rho / ztv_lambda: DDS's validated relative values (medrecon.methods.dds), the same 3D data consistency.
 BLEND_DEFAULTS: dict[str, Any] = {
     "steps": 50, "eta": 0.85, "cg_iter": 5, "lam": 0.0, "cg_tol": 1e-6, "ztv": False, "rho": 0.004,
-    "ztv_lambda": 1e-5, "weights": "relative", "stride": DEFAULT_STRIDE, "batch_size": 16,
+    "ztv_lambda": 7e-4, "weights": "relative", "stride": DEFAULT_STRIDE, "batch_size": 16,
     "average_overlaps": False, "samples": 1, "sample_batch": None, "dtype": "float32", "init": None, "start": 1.0,
 }
 KINDS = ("adjacent", "jump", "alternate")

@@ -55,3 +55,14 @@ def test_diffusionblend_takes_the_same_warm_start(problem, method):
     problem.init = None
     with pytest.raises(ConfigError, match="starting image"):
         METHODS[method](problem, {"steps": 10, "start": 0.3}, slab_prior(), None)
+
+
+def test_modality_entries_override_a_methods_shared_params():
+    from medrecon.reconstruct import modality_params
+
+    value = {"steps": 50, "samples": 1, "CT": {"init": "tv", "samples": 8}, "MR": {"init": "l1_wavelet"}}
+    assert modality_params(value, "CT") == {"steps": 50, "samples": 8, "init": "tv"}
+    assert modality_params(value, "MR") == {"steps": 50, "samples": 1, "init": "l1_wavelet"}
+    assert modality_params({"steps": 5}, "MR") == {"steps": 5}
+    with pytest.raises(ConfigError, match="CT entry must be a mapping"):
+        modality_params({"CT": 3}, "CT")

@@ -71,10 +71,14 @@ SLAB_JOBS = int(config["reconstruct"].get("slab", {}).get("jobs", 1))
 
 def method_config(wildcards):
     """Only this method's parameters (and the shared reconstruct keys: seed, device) go to the job: editing one
-    method's parameters, or adding a method, reruns nothing else."""
+    method's parameters, or adding a method, reruns nothing else. A warm start's classical method (``init:``,
+    shared or under CT:/MR:) brings its own parameters, which make the start."""
     rc = config["reconstruct"]
     sub = {k: v for k, v in rc.items() if k not in ("params", "priors", "methods")}
-    sub["params"] = {wildcards.method: rc["params"].get(wildcards.method, {})}
+    own = rc["params"].get(wildcards.method, {})
+    inits = {own.get("init")} | {(own.get(m) or {}).get("init") for m in ("CT", "MR")}
+    sub["params"] = {name: rc["params"][name] for name in inits if name in rc["params"]}
+    sub["params"][wildcards.method] = own
     return json.dumps({"reconstruct": sub, "memory_mb": config.get("memory_mb")}, sort_keys=True)
 
 
