@@ -42,13 +42,14 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--rho", type=float, default=0.004,
                    help="z-TV ADMM penalty, a fraction of ||A||^2 (issue 14's phantom value 100 on STS_009's operator)")
-    p.add_argument("--ztv-lambda", type=float, default=1e-5,
-                   help="z-TV weight, a fraction of ||A^H y||_inf (issue 14's 0.004 on STS_009)")
+    p.add_argument("--ztv-lambda", type=float, default=7e-4,
+                   help="z-TV weight, a fraction of ||A^H y||_inf (the default chosen by this sweep)")
     p.add_argument("--setting", action="append", default=[], metavar="NAME=JSON",
                    help="a named DDS setting replacing the default three, e.g. "
                         "'ccdf={\"init\": \"tv\", \"start\": 0.5}' (keys update the config's dds params); "
                         "repeatable")
     p.add_argument("--subjects", nargs="*", help="validation subject ids (default: every CT eval subject)")
+    p.add_argument("--method", default="dds", help="the diffusion method (its study params are the base)")
     p.add_argument("--modality", choices=("CT", "MR"), default="CT",
                    help="which validation subjects; the classical reference is 3D TV (CT) or L1-wavelet (MR)")
     p.add_argument("--no-tv", action="store_true", help="skip the classical reference rows")
@@ -64,9 +65,11 @@ def main() -> None:
     res = Path(cfg0["results"]) / cfg0["study"]
     subjects = a.subjects or [s["id"] for s in cfg0["subjects"]
                               if s.get("role", "eval") == "eval" and s["modality"] == a.modality]
-    priors = [cfg0["reconstruct"]["priors"][a.modality]["dds"], *a.priors]
+    priors = [cfg0["reconstruct"]["priors"][a.modality][a.method], *a.priors]
     reference = "tv" if a.modality == "CT" else "l1_wavelet"
-    base = dict(cfg0["reconstruct"]["params"]["dds"])
+    from medrecon.reconstruct import modality_params
+
+    base = modality_params(dict(cfg0["reconstruct"]["params"].get(a.method, {})), a.modality)
     ztv = {**base, "ztv": True, "rho": a.rho, "ztv_lambda": a.ztv_lambda}
     settings = {"2d": base, "ztv": ztv, f"ztv_mean{a.samples}": {**ztv, "samples": a.samples}}
     if a.setting:
@@ -83,7 +86,7 @@ def main() -> None:
             runs = [] if a.no_tv else [(reference, None, name, {**raw["reconstruct"].get("params", {}).get(
                 reference, {}), **json.loads(js)}) for name, js in ref_settings.items()]
             if not a.reference_only:
-                runs += [("dds", pr, name, st) for pr in priors for name, st in settings.items()]
+                runs += [(a.method, pr, name, st) for pr in priors for name, st in settings.items()]
             for method, prior, name, params in runs:
                 # the study's params of every other method stay (a warm start's init method uses its own)
                 all_params = {**raw["reconstruct"].get("params", {}), method: params}
