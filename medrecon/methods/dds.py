@@ -118,4 +118,7 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
         res = lay.residual_norms(samples).mean()
     info = {"method": "dds", "params": p, "time_s": time.perf_counter() - t_start,
             "final_residual_norm_mean": float(res)}
-    return ReconResult(samples=samples, nfe=int(getattr(den, "nfe", len(pairs))), info=info)
+    # NFE = network evaluations along one sample's chain (one per step run), as the papers count it; the
+    # batched calls it took (more when samples or slab groups are split into passes) are in info
+    info["network_calls"] = int(getattr(den, "nfe", len(pairs)))
+    return ReconResult(samples=samples, nfe=len(pairs), info=info)

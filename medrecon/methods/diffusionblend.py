@@ -313,7 +313,10 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
             # mean ||y - A x|| per operator application at each step, before (prior x0_hat) and after DC
             "residual_prior": chunks[0].mean(0).tolist(), "residual_dc": chunks[1].mean(0).tolist(),
             "partitions": [(part.kind, part.offset) for part in parts], "slab_evaluations": slab_evals}
-    return ReconResult(samples=samples, nfe=int(getattr(den, "nfe", len(pairs))), info=info)
+    # NFE = network evaluations along one sample's chain (one per step run), as the papers count it; the
+    # batched calls it took (more when samples or slab groups are split into passes) are in info
+    info["network_calls"] = int(getattr(den, "nfe", len(pairs)))
+    return ReconResult(samples=samples, nfe=len(pairs), info=info)
 
 
 @register_method("diffusionblend", defaults=BLEND_DEFAULTS, prior="slab", loader=_SLAB_LOADER, paper=_PAPER,
