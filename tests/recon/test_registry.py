@@ -13,6 +13,7 @@ import yaml
 from medrecon import config as cfgmod
 from medrecon.errors import ConfigError
 from medrecon.recon.registry import METHOD_PACKAGES, METHODS, REGISTRY, get_method, load_all, validate_params
+from medrecon.reconstruct import modality_params
 
 ROOT = Path(__file__).resolve().parents[2]
 load_all()
@@ -95,7 +96,8 @@ def test_shipped_configs_use_registered_methods_and_parameters(config):
         for name in names:
             assert modality in get_method(name).modalities, (config, modality, name)
     for name, params in cfg["reconstruct"]["params"].items():
-        validate_params(name, params)
+        for modality in get_method(name).modalities:     # CT:/MR: entries override the shared keys
+            validate_params(name, modality_params(params, modality))
     for modality, priors in cfg["reconstruct"]["priors"].items():
         for name in priors:
             assert get_method(name).prior is not None, (config, modality, name)
