@@ -66,7 +66,7 @@ def final_outputs():
 
 
 # ---- reconstruct: per-method config and priors, slab scatter ----------------------------------------------
-SLAB_JOBS = int(config["reconstruct"].get("slab", {}).get("jobs", 1))
+SLAB_JOBS = int(config["reconstruct"]["slab"]["jobs"])     # the schema fills the default
 
 
 def method_config(wildcards):
