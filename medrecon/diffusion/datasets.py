@@ -243,8 +243,7 @@ def _flip(img: np.ndarray, flips: Sequence[str], rng: np.random.Generator) -> np
 
 def phase_mode(value: Any) -> str:
     """The ``random_phase`` setting of an MR training config as one of "none", "constant", "smooth"."""
-    mode = {False: "none", True: "constant", None: "none"}.get(value, value) if isinstance(value, bool | None) \
-        else str(value)
+    mode = "none" if value is None or value is False else "constant" if value is True else str(value)
     if mode not in ("none", "constant", "smooth"):
         raise ConfigError(f"random_phase must be false, true (constant) or smooth, got {value!r}",
                           fix="use random_phase: smooth (the measure step's phase model) for complex MR priors")

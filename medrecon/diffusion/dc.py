@@ -38,18 +38,8 @@ def operator_norm_sq(op: LinearOperator, device: torch.device | None = None, n_i
     slice: CT slices share one geometry, and MR coil maps are normalised, so every slice has the same norm
     (up to its mask); this keeps the cost at 30 single-slice normal operations."""
     probe = op.slab(0, 1) if hasattr(op, "slab") else op
-    shape = (1, *probe.in_shape) if probe is not op else tuple(op.in_shape)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = (x / x.norm()).to(device=device, dtype=op.in_dtype)
-    value = 0.0
-    with torch.no_grad():
-        for _ in range(n_iter):
-            z = probe.normal(x)
-            value = float(torch.linalg.vector_norm(z))
-            if value == 0.0:
-                return 0.0
-            x = z / value
-    return value
+    shape = (1, *probe.in_shape) if probe is not op else None
+    return probe.norm(n_iter, generator=torch.Generator().manual_seed(0), device=device, shape=shape) ** 2
 
 
 def absolute_dc_weights(op: LinearOperator, aty: torch.Tensor, params: dict,

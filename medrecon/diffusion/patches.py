@@ -499,7 +499,7 @@ class PatchDataset(TrainingDataset):
         flips = [ax for ax in self.cfg["flips"] if rng.random() < 0.5]   # one draw per axis, always
         # a phase map over the patch's own extent (:func:`training_phase`; "smooth" is then a local piece of
         # a smooth field at most pi/2 across the patch)
-        phase = torch.as_tensor(training_phase((size, size), rng, phase_mode(self.cfg["random_phase"])),
+        phase = torch.as_tensor(training_phase((size, size), rng, self.cfg["random_phase"]),
                                 dtype=torch.float32)
         item = self.patch_at(vi, z, start, size, flips)
         if self.complex_phase:

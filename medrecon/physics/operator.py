@@ -119,9 +119,12 @@ class LinearOperator(ABC):
         return self.adjoint(self.forward(x))
 
     def norm(self, n_iter: int = 30, generator: torch.Generator | None = None,
-             device: torch.device | str | None = None) -> float:
-        """Spectral norm ||A||_2 by power iteration on A^H A (for step sizes of gradient methods)."""
-        x = torch.randn(self.in_shape, generator=generator, dtype=torch.float64).to(self.in_dtype)
+             device: torch.device | str | None = None, shape: tuple[int, ...] | None = None) -> float:
+        """Spectral norm ||A||_2 by power iteration on A^H A (for step sizes of gradient methods).
+
+        ``shape``: the probe's shape when the operator needs leading dims (default ``in_shape``), e.g.
+        ``(1, *in_shape)`` for a one-slice slab of an operator with per-slice coil maps or masks."""
+        x = torch.randn(shape or self.in_shape, generator=generator, dtype=torch.float64).to(self.in_dtype)
         if device is not None:
             x = x.to(device)
         x = x / x.norm()
