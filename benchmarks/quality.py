@@ -173,7 +173,9 @@ def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: di
 
     cfgs = train_configs(steps, device)
     done: dict[str, dict[str, Any]] = {}
-    pdir = work / "priors" / f"n{steps}_{_digest(cfgs)}"  # a changed training config is a new folder
+    # Keyed per prior by its own training config: a changed config retrains that prior only, and adding a prior
+    # kind to train_configs leaves the cached ones valid.
+    pdir = work / "priors" / f"n{steps}"
     pdir.mkdir(parents=True, exist_ok=True)
     for name in sorted(needed):
         base = name.removesuffix("_1vol")
@@ -184,7 +186,7 @@ def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: di
             from medrecon.diffusion.latent import train_autoencoder_prior, train_latent_prior
 
             pre = base.removesuffix("latent")
-            out = pdir / base
+            out = pdir / f"{base}_{_digest([cfgs[pre + 'autoencoder'], cfgs[pre + 'latent']])}"
             out.mkdir(exist_ok=True)
             ae, lat = out / "autoencoder.pt", out / "latent.pt"
             cached = ae.exists() and lat.exists()
@@ -197,7 +199,7 @@ def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: di
             cfg = {"autoencoder": cfgs[pre + "autoencoder"], "latent": cfgs[pre + "latent"]}
             out = [ae, lat]  # reconstruct takes the two checkpoints in this order
         else:
-            out = pdir / f"{name}.pt"
+            out = pdir / f"{name}_{_digest(cfgs[base])}.pt"
             cached = out.exists()
             cfg = cfgs[base]
             if not cached:
