@@ -20,7 +20,8 @@ on a Gaussian prior it is under-dispersed (std 0.36 vs 0.62, wave2 section 0.2; 
 The SVD (:class:`SpectralOperator`) is computed densely, once per operator geometry and prior affine map,
 and cached: the operator composed with the prior's affine map (scale, offset, real/imag channels) is applied
 to unit vectors of one operator "unit" (a 2D slice for per-slice CT and 2D SENSE; the whole input for a 3D
-operator) in the real form ``[Re; Im]``, and ``torch.linalg.svd`` (float64, thin) factors it. Per-slice CT shares
+operator) in the real form ``[Re; Im]`` (or its matched adjoint to measurement unit vectors, whichever side is smaller),
+and the eigendecomposition of the smaller Gram matrix gives the thin SVD (float64). Per-slice CT shares
 one SVD across slices; SENSE with per-slice coil maps/masks gets one SVD per slice (batched). This is exact for
 every linear operator, CT (ASTRA parallel/fan), single-coil Cartesian MRI (A = M F: singular values 0/1) and
 multi-coil SENSE alike, and is limited by size: ``n_pixels * n_measurements * n_distinct_slices`` (real form)
@@ -139,14 +140,50 @@ class UnitLayout:
         y = torch.view_as_real(y.to(torch.complex128)) if self.complex_out else y.to(F64)
         return y.reshape(k, self.m)
 
+    def adjoint_real(self, w: torch.Tensor, g: int) -> torch.Tensor:
+        """The transpose of :meth:`apply_real`'s linear part: real measurements (k, m) -> prior domain (k, d),
+        through the operator's matched adjoint (A^H for complex data, real and imaginary parts as channels)."""
+        prior, op = self.lay.prior, self._operator(g)
+        k = w.shape[0]
+        lead = (k, *([1] if self.groups > 1 else []))
+        if self.complex_out:
+            y = torch.view_as_complex(w.reshape(*lead, *op.out_shape, 2).contiguous())
+        else:
+            y = w.reshape(*lead, *op.out_shape)
+        with torch.no_grad():
+            x = op.adjoint(y.to(op.out_dtype))
+        x = x.to(torch.complex128 if x.is_complex() else F64).reshape(k, *self.in_shape)
+        if prior.channels == 2:
+            x = torch.view_as_real(x.to(torch.complex128)).movedim(-1, -3)
+        else:
+            x = x.real.unsqueeze(-3) if x.is_complex() else x.unsqueeze(-3)
+        return x.reshape(k, self.d) / prior.scale
+
     def matrix(self, g: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_g (m, d), b_g (m,)): the unit's affine map v -> A_g v + b_g, by applying it to unit vectors."""
+        """(A_g (m, d), b_g (m,)): the unit's affine map v -> A_g v + b_g, by applying the operator to unit
+        vectors of the smaller side (forward on pixels, or the matched adjoint on measurements)."""
         b = self.apply_real(torch.zeros(1, self.d, dtype=F64), g)[0]
-        cols = []
-        for j in range(0, self.d, chunk):
-            e = torch.eye(self.d, dtype=F64)[j:j + chunk]
-            cols.append((self.apply_real(e, g) - b).T)
-        return torch.cat(cols, 1), b
+        parts = []
+        n, by_rows = min(self.d, self.m), self.m < self.d
+        for j in range(0, n, chunk):
+            e = torch.eye(n, dtype=F64)[j:j + chunk]
+            parts.append(self.adjoint_real(e, g) if by_rows else (self.apply_real(e, g) - b).T)
+        return (torch.cat(parts, 0) if by_rows else torch.cat(parts, 1)), b
+
+
+def thin_svd(a: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U (m, k), s (k,), V (d, k), keep (k,)) of A (m, d), k = min(m, d), singular values descending, via the
+    eigendecomposition of the smaller Gram matrix (wave2 section 1.3 option 2; ~8x faster than a dense SVD at
+    930 x 4087). The Gram matrix squares the condition number, which is harmless above the relative threshold
+    ``rtol`` (s^2 / s_max^2 >= rtol^2 >> float64 eps); vectors of dropped values are set to 0."""
+    wide = a.shape[0] <= a.shape[1]
+    lam, q = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
+    lam, q = lam.flip(0).clamp_min(0), q.flip(1)
+    s = lam.sqrt()
+    keep = s > float(rtol) * s[:1].clamp_min(1e-300)
+    other = (a.T @ q if wide else a @ q) / torch.where(keep, s, torch.ones_like(s))
+    u, v = (q, other) if wide else (other, q)
+    return torch.where(keep, u, torch.zeros_like(u)), s, torch.where(keep, v, torch.zeros_like(v)), keep
 
 
 @dataclass
@@ -225,13 +262,12 @@ def spectral_operator(lay: SliceLayout, rtol: float = 1e-3, max_elements: float 
         _SVD_CACHE.move_to_end(key)
         svd = _SVD_CACHE[key]
     else:
-        us, ss, vs, bs = [], [], [], []
+        us, ss, vs, ks, bs = [], [], [], [], []
         for g in range(units.groups):
             a, b = units.matrix(g)
-            u, s, vh = torch.linalg.svd(a, full_matrices=False)
-            us.append(u), ss.append(s), vs.append(vh.T), bs.append(b)
-        s = torch.stack(ss)
-        keep = s > float(rtol) * s[:, :1].clamp_min(1e-300)
+            u, s, v, keep = thin_svd(a, rtol)
+            us.append(u), ss.append(s), vs.append(v), ks.append(keep), bs.append(b)
+        s, keep = torch.stack(ss), torch.stack(ks)
         svd = SpectralOperator(u=torch.stack(us), s=s, v=torch.stack(vs), keep=keep, offset=torch.stack(bs),
                                group=torch.zeros(0, dtype=torch.long))
         _SVD_CACHE[key] = svd
@@ -243,10 +279,6 @@ def spectral_operator(lay: SliceLayout, rtol: float = 1e-3, max_elements: float 
 
 def clear_svd_cache() -> None:
     _SVD_CACHE.clear()
-
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=F64).to(like.device, like.dtype)
 
 
 @register_method(

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import medrecon.methods.ddrm
 import medrecon.methods.dds  # registers the methods
 import medrecon.methods.diffusionblend
 import medrecon.methods.padis
-import medrecon.methods.resample  # noqa: F401
+import medrecon.methods.resample
+import medrecon.methods.tilted  # noqa: F401
 from medrecon.diffusion.canvas import Canvas, CanvasDenoiser, network_multiple, prior_background
 from medrecon.diffusion.denoiser import Denoiser, EDMDenoiser, EpsilonDenoiser, Prior
 from medrecon.diffusion.latent import LatentCodec, LatentPrior
@@ -112,6 +114,7 @@ PRIORS = {
     "dds": slice_prior, "dps": slice_prior, "diffusionblend": slab_prior, "diffusionblend++": slab_prior,
     "padis": lambda: patch_prior(None), "padis3d": lambda: patch_prior(3),
     "resample": lambda: latent_prior("autoencoder"), "latent_dps": lambda: latent_prior("space_to_depth"),
+    "ddrm": slice_prior, "tilted": slice_prior,
 }
 PARAMS = {
     "dds": {"steps": 3}, "dps": {"steps": 3, "zeta": 1e-3}, "diffusionblend": {"steps": 3},
@@ -121,6 +124,10 @@ PARAMS = {
     "resample": {"steps": 4, "variant": "pixel", "dc_every": 1, "splits": 2, "inter_steps": 1, "pixel_iters": 40,
                  "pixel_lr": 0.1, "dps_scale": 1e-3},
     "latent_dps": {"steps": 3, "dps_scale": 1e-3},
+    # ct_problem records no noise level; ddrm and tilted need one (sigma* = 0.01 / ||A|| in prior units lies
+    # between the schedule's 2nd and 3rd trained sigma for 101 x 122, so tilted's stage 2 has 2 steps there)
+    "ddrm": {"steps": 3, "sigma_y": 0.01},
+    "tilted": {"steps": 2, "ula_steps": 0, "sigma_y": 0.01},
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
 HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample"}
