@@ -133,7 +133,7 @@ def exact_tilted_draw(lay: SliceLayout, sigma: float, sigma_y: float, n: int,
         raise ConfigError("tilted: stage1 'exact' needs an analytic Gaussian-mixture prior on a single "
                           "unpadded slice (a validation mode)", fix="use stage1: ula")
     a, b = units.matrix(0)
-    y = units.real_measurement(lay.y)[0] - b
+    y = units.real_measurement(lay.y)[0].cpu() - b
     cov = sigma_y**2 * torch.eye(a.shape[0], dtype=F64) - sigma**2 * (a @ a.T)
     lam, q = torch.linalg.eigh(cov)
     if float(lam.min()) <= 0:
@@ -143,7 +143,7 @@ def exact_tilted_draw(lay: SliceLayout, sigma: float, sigma_y: float, n: int,
     widened = GaussianMixturePrior(den.weights, den.means, den.covs + sigma**2 * torch.eye(den.dim, dtype=F64))
     post = widened.posterior(w.T @ a, w.T @ y, 1.0)
     x = post.sample(n, generator)
-    return x.reshape(lay.batch_shape(n)).to(lay.dtype)
+    return x.reshape(lay.batch_shape(n)).to(lay.y.device, lay.dtype)
 
 
 @register_method(
@@ -205,7 +205,7 @@ def tilted(problem: ReconProblem, params: dict, prior: Prior,
                 x = exact_tilted_draw(lay, sig, sigma_y, n, generator)
             else:
                 z = torch.randn(shape, generator=generator, dtype=F64).to(problem.y.device, lay.dtype)
-                x = lay.batch(torch.zeros((n, *lay.image_shape), dtype=lay.op.in_dtype)) + sig * z
+                x = lay.batch(torch.zeros((n, *lay.image_shape), dtype=lay.op.in_dtype, device=z.device)) + sig * z
                 w = torch.zeros_like(aop.forward(x, n))
 
                 def apply(v: torch.Tensor, n: int = n) -> torch.Tensor:
