@@ -217,11 +217,15 @@ class SpectralOperator:
         return torch.where(keep, uty / s.clamp_min(1e-300), torch.zeros_like(uty)), s_kept
 
     def vt(self, x: torch.Tensor) -> torch.Tensor:
-        """V^T x for x (n, units, d) -> (n, units, k)."""
+        """V^T x for x (n, units, d) -> (n, units, k) (one matmul when all units share V: no per-unit copies)."""
+        if self.v.shape[0] == 1:
+            return x @ self.v[0]
         return torch.einsum("nud,udk->nuk", x, self.per_unit(self.v))
 
     def vv(self, c: torch.Tensor) -> torch.Tensor:
         """V c for c (n, units, k) -> (n, units, d)."""
+        if self.v.shape[0] == 1:
+            return c @ self.v[0].T
         return torch.einsum("nuk,udk->nud", c, self.per_unit(self.v))
 
 
