@@ -233,7 +233,9 @@ def ddnm(problem: ReconProblem, params: dict, prior: Prior,
         res = lay.residual_norms(samples).mean()
     info = {"method": "ddnm", "params": p, "time_s": time.perf_counter() - t_start,
             "variant_run": "ddnm+" if plus else "ddnm", "sigma_y_image": sigma_img,
-            "lambda_min": min(lambdas) if lambdas else 1.0, "final_residual_norm_mean": float(res),
+            "lambda_min": min(lambdas) if lambdas else 1.0,
+            "scaled_steps": sum(1 for v in lambdas if v < 1.0) // max(1, len(chunks)),
+            "final_residual_norm_mean": float(res),
             "network_calls": int(getattr(den, "nfe", n_forward)), "time_travel_steps": len(path) - 1 - n_forward}
     # NFE = network evaluations along one sample's chain (forward steps, time travel included)
     return ReconResult(samples=samples, nfe=n_forward, info=info)

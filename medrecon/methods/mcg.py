@@ -92,9 +92,10 @@ def mcg(problem: ReconProblem, params: dict, prior: Prior,
             ab, ab_next = sched.alpha_bar(t), sched.alpha_bar(t_next)
             sigma = ((1 - ab) / ab).sqrt()
             x = x.detach().requires_grad_(zeta > 0)
-            x0 = den(x / ab.sqrt().to(lay.dtype), sigma.to(lay.dtype), cond)
-            xi = lay.image(x0, n)
-            norms = lay.residual_norms(xi)
+            with torch.set_grad_enabled(zeta > 0):          # zeta = 0: no graph through the network
+                x0 = den(x / ab.sqrt().to(lay.dtype), sigma.to(lay.dtype), cond)
+                xi = lay.image(x0, n)
+                norms = lay.residual_norms(xi)
             grad = lay.canvas.zero_padding(torch.autograd.grad(norms.sum(), x)[0]) if zeta > 0 else 0.0
             with torch.no_grad():
                 noise = randn(shape) if t_next >= 0 else None
