@@ -49,7 +49,8 @@ Departures, on purpose:
 * ``schedule: ve`` (a VE-DDNM row appears in PaDIS's table) is not offered: the slice priors are VP-trained and
   the VP DDIM chain above is the same update written in VE variables; an EDM-grid variant would need an EDM
   prior.
-* Samples are independent CG systems; noise levels are per real component (complex MR: per real/imag channel).
+* Samples are independent CG systems; noise levels are per real component (complex MR: per real/imag channel;
+  a recorded complex noise_std is divided by sqrt(2)).
 """
 
 from __future__ import annotations
@@ -124,12 +125,15 @@ def _check(p: dict) -> None:
 
 
 def image_noise_level(problem: ReconProblem, p: dict, lay: SliceLayout) -> float:
-    """sigma_y of DDNM+ in image units: the parameter, else noise_std / ||A||, else 0 (noiseless)."""
+    """sigma_y of DDNM+ in image units, per real component: the parameter, else noise_std / ||A|| (complex data:
+    noise_std is the circular complex std, medrecon's MR convention, so each of re/im has noise_std / sqrt(2)),
+    else 0 (noiseless)."""
     if p["sigma_y"] is not None:
         return float(p["sigma_y"])
     if not problem.noise_std:
         return 0.0
-    return float(problem.noise_std) / math.sqrt(operator_norm_sq(lay.op, problem.y.device))
+    per_component = float(problem.noise_std) / (math.sqrt(2.0) if lay.op.out_dtype.is_complex else 1.0)
+    return per_component / math.sqrt(operator_norm_sq(lay.op, problem.y.device))
 
 
 def ddnm_plus_coefficients(a: float, s: float, sigma: float, eta: float) -> tuple[float, float, float]:

@@ -225,12 +225,17 @@ def run_end_to_end(method: str, params: dict, modality: str, h: int, w: int) -> 
     return resid, float(torch.linalg.vector_norm(prob.y))
 
 
-def test_ddnm_plus_derives_sigma_y_from_the_noise_level_and_the_operator_norm_on_ct():
+def test_ddnm_plus_derives_sigma_y_from_the_noise_level_and_the_operator_norm():
     prob = dataclasses.replace(ct_problem(21, 23, 2), noise_std=0.05)
     res = METHODS["ddnm"](prob, {"steps": 3, "variant": "ddnm+"}, slice_prior(), torch.Generator().manual_seed(0))
     norm = math.sqrt(operator_norm_sq(prob.operator))
     assert res.info["sigma_y_image"] == pytest.approx(0.05 / norm, rel=1e-6) and res.info["variant_run"] == "ddnm+"
     assert bool(torch.isfinite(res.samples).all())
+    mr, prior = mr_problem(21, 23)
+    mr = dataclasses.replace(mr, noise_std=0.05)            # circular complex std: 0.05 / sqrt(2) per component
+    res = METHODS["ddnm"](mr, {"steps": 3, "variant": "ddnm+"}, prior, torch.Generator().manual_seed(0))
+    norm = math.sqrt(operator_norm_sq(mr.operator))
+    assert res.info["sigma_y_image"] == pytest.approx(0.05 / math.sqrt(2) / norm, rel=1e-6)
 
 
 @pytest.mark.parametrize("modality", ["CT", "MR"])
