@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import medrecon.methods.dcdp
 import medrecon.methods.dds  # registers the methods
 import medrecon.methods.diffusionblend
 import medrecon.methods.padis
@@ -112,6 +113,8 @@ PRIORS = {
     "dds": slice_prior, "dps": slice_prior, "diffusionblend": slab_prior, "diffusionblend++": slab_prior,
     "padis": lambda: patch_prior(None), "padis3d": lambda: patch_prior(3),
     "resample": lambda: latent_prior("autoencoder"), "latent_dps": lambda: latent_prior("space_to_depth"),
+    "dcdp": slice_prior,
+    "dcdp_latent": lambda: latent_prior("autoencoder"),
 }
 PARAMS = {
     "dds": {"steps": 3}, "dps": {"steps": 3, "zeta": 1e-3}, "diffusionblend": {"steps": 3},
@@ -121,6 +124,8 @@ PARAMS = {
     "resample": {"steps": 4, "variant": "pixel", "dc_every": 1, "splits": 2, "inter_steps": 1, "pixel_iters": 40,
                  "pixel_lr": 0.1, "dps_scale": 1e-3},
     "latent_dps": {"steps": 3, "dps_scale": 1e-3},
+    "dcdp": {"steps": 3, "t_start": 100, "ddim_steps": 2},
+    "dcdp_latent": {"steps": 3, "t_start": 100, "ddim_steps": 2},
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
 HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample"}
