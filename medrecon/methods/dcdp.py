@@ -4,7 +4,7 @@
 Follows ``Morefre/Decoupled-Data-Consistency-with-Diffusion-Purification-for-Image-Restoration@fa89ad3``
 (``dcdp.py``: ``Purification_Schedule``, ``CSGM_Solver_Pixel_Space``, ``Diffusion_Purified_CSGM``; the
 latent version ``DCDP-LDM/dcdp.py`` with ``CSGM_Solver_Latent_Space`` and ``--data_consistency_type``;
-``docs/algorithms.md`` section 9). The reference has no CT or MRI experiment; this is medrecon's, built from it.
+``docs/algorithms.md`` section 8). The reference has no CT or MRI experiment; this is medrecon's, built from it.
 Two registered methods, because a registration has one prior kind:
 
 * ``dcdp``: pixel-space diffusion prior (kind ``slice``, loaded as for DDS);
