@@ -171,6 +171,22 @@ def test_dcdp_as_shipped_returns_the_data_on_the_seed_problem_whatever_the_noise
     assert float((consistent - 0.5).abs().max()) < (1e-6 if dc == "cg" else 1e-3)
 
 
+@pytest.mark.parametrize("dc", ["cg", "gd"])
+def test_the_data_consistency_iterate_fits_a_consistent_system(dc):
+    """A (32 x 64) has full row rank, so A x = y is consistent: the pre-purification iterate reaches it (wave 2
+    notes, section 4.3, test 3): CG (stopping at its relative tolerance 1e-6; this operator works in float32,
+    where CG run past convergence drifts) and heavy-ball descent in 300 steps (measured 1e-6 and 1e-7 relative).
+    The purified output does not fit exactly (the last purification moves it by about its noise level)."""
+    prior, _, prob = linear_gaussian_problem(2)
+    params = {"steps": 3, "dc": dc, "dc_iter": 40 if dc == "cg" else 300, "samples": 4, "dtype": "float64"}
+    r = METHODS["dcdp"](prob, {**params, "output": "consistent"}, prior.as_prior(), torch.Generator().manual_seed(6))
+    y_norm = float(torch.linalg.vector_norm(prob.y))
+    assert r.info["dc_residual_norm_mean"] < 1e-4 * y_norm
+    assert r.info["final_residual_norm_mean"] == pytest.approx(r.info["dc_residual_norm_mean"])
+    purified = METHODS["dcdp"](prob, params, prior.as_prior(), torch.Generator().manual_seed(6))
+    assert purified.info["final_residual_norm_mean"] > 1e-3 * y_norm
+
+
 # --------------------------------------------------------------------------------- latent == pixel, exact codec
 
 
