@@ -20,7 +20,8 @@ from a start x^(0) (the zero image, or the ``init`` method's result):
    (:func:`medrecon.diffusion.dc.cg_normal`, an early-stopped Krylov solve); ``dc: gd``: the reference's
    solver, heavy-ball gradient descent (SGD with ``momentum`` 0.9) with step ``step / (||A||^2 + lam)``.
    ``lam = 0`` is the reference as shipped (its ``use_weight_decay`` is off in every config): early stopping
-   is then the only tie to the prior; ``lam > 0`` is the slides' half-quadratic-splitting proximal term.
+   is then the only tie to the prior; ``lam > 0`` is the slides' half-quadratic-splitting proximal term
+   ``mu ||x - v||^2`` with ``lam = 2 mu``.
 2. **Diffusion purification**: t_k from the purification schedule (``schedule: linear`` from ``t_start``
    down to ``t_end``, or ``constant``; reference T0 = 400, T_end = 0, a final 0 becomes 1), the estimate
    diffused forward to VP index ``t_k - 1`` (``x_t = sqrt(ab) x + sqrt(1 - ab) z``), then either
