@@ -11,12 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import medrecon.methods.ddnm
-import medrecon.methods.dds  # registers the methods
-import medrecon.methods.diffusionblend
-import medrecon.methods.mcg
-import medrecon.methods.padis
-import medrecon.methods.resample  # noqa: F401
+import medrecon.methods  # noqa: F401  (registers every sampler)
 from medrecon.diffusion.canvas import Canvas, CanvasDenoiser, network_multiple, prior_background
 from medrecon.diffusion.denoiser import Denoiser, EDMDenoiser, EpsilonDenoiser, Prior
 from medrecon.diffusion.latent import LatentCodec, LatentPrior
@@ -115,6 +110,8 @@ PRIORS = {
     "padis": lambda: patch_prior(None), "padis3d": lambda: patch_prior(3),
     "resample": lambda: latent_prior("autoencoder"), "latent_dps": lambda: latent_prior("space_to_depth"),
     "ddnm": slice_prior, "mcg": slice_prior,
+    "dcdp": slice_prior,
+    "dcdp_latent": lambda: latent_prior("autoencoder"),
 }
 PARAMS = {
     "dds": {"steps": 3}, "dps": {"steps": 3, "zeta": 1e-3}, "diffusionblend": {"steps": 3},
@@ -125,6 +122,8 @@ PARAMS = {
                  "pixel_lr": 0.1, "dps_scale": 1e-3},
     "latent_dps": {"steps": 3, "dps_scale": 1e-3},
     "ddnm": {"steps": 3}, "mcg": {"steps": 3, "zeta": 1e-3},
+    "dcdp": {"steps": 3, "t_start": 100, "ddim_steps": 2},
+    "dcdp_latent": {"steps": 3, "t_start": 100, "ddim_steps": 2},
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
 HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample", "ddnm", "mcg"}
