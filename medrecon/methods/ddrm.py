@@ -1,9 +1,9 @@
 """DDRM: Denoising Diffusion Restoration Models (Kawar, Elad, Ermon, Song, NeurIPS 2022).
 
 Follows ``bahjat-kawar/ddrm@32b6b3c`` (``functions/denoising.py:efficient_generalized_steps``,
-``functions/svd_replacement.py:GeneralH``; notes in /work/shared/algorithms-wave2.md section 1 and
-``docs/algorithms.md``). DDRM needs the SVD ``A = U S V^T`` of the operator; every update is per spectral
-coordinate of the VE state ``x = x0 + sigma n`` (``ybar_i = (U^T y)_i / s_i``, noise std ``sigma_y / s_i``):
+``functions/svd_replacement.py:GeneralH``; summary and measured numbers in ``docs/algorithms.md`` section 11).
+DDRM needs the SVD ``A = U S V^T`` of the operator; every update is per spectral coordinate of the VE state
+``x = x0 + sigma n`` (``ybar_i = (U^T y)_i / s_i``, noise std ``sigma_y / s_i``):
 
 1. start at ``sigma_T`` (first step of a uniform grid of ``steps``, default 20): coordinates with
    ``s_i sigma_T > sigma_y`` are ``ybar_i + sqrt(sigma_T^2 - sigma_y^2 / s_i^2) z_i``, all others (and the
@@ -15,7 +15,7 @@ coordinate of the VE state ``x = x0 + sigma n`` (``ybar_i = (U^T y)_i / s_i``, n
    eta sigma' z``; noisier than y: ``eta_b ybar + (1 - eta_b) c + sqrt(sigma'^2 - eta_b^2 sigma_y^2/s_i^2) z``;
 3. the last step (sigma' = 0) returns x0_hat, as the reference saves the last ``x0_pred``.
 Defaults are the reference's: ``steps: 20, eta: 0.85, eta_b: 1``. DDRM is not an exact posterior sampler:
-on a Gaussian prior it is under-dispersed (std 0.36 vs 0.62, wave2 section 0.2; asserted in the tests).
+on a Gaussian prior it is under-dispersed (std 0.36 vs 0.62; asserted in the tests).
 
 The SVD (:class:`SpectralOperator`) is computed densely, once per operator geometry and prior affine map,
 and cached: the operator composed with the prior's affine map (scale, offset, real/imag channels) is applied
