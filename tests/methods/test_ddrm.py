@@ -19,6 +19,8 @@ from medrecon.errors import ConfigError
 from medrecon.methods import ddrm as ddrm_mod
 from medrecon.methods.sampling import SliceLayout
 from medrecon.physics.coils import birdcage_coils
+from medrecon.physics.ct import ParallelBeamCT
+from medrecon.physics.ct_geometry import CTGeometry, sparse_view_angles
 from medrecon.physics.mri import Sense2D
 from medrecon.physics.mri_sampling import cartesian_mask_1d
 from medrecon.recon.registry import METHODS, ReconProblem
@@ -95,6 +97,11 @@ def test_svd_is_cached_per_geometry_and_the_size_limit_is_one_clear_error():
     a, _ = ddrm_mod.spectral_operator(lay)
     b, _ = ddrm_mod.spectral_operator(SliceLayout(ct_problem(15, 17, 1), prior, torch.float32))
     assert a.u is b.u and len(ddrm_mod._SVD_CACHE) == 1          # same geometry: computed once
+    other = ct_problem(15, 17, 1)
+    other.operator = ParallelBeamCT(CTGeometry.create("parallel", (15, 17), (1.0, 1.0), sparse_view_angles(6, 180.0)))
+    other.y = other.operator.forward(torch.zeros(1, 15, 17))
+    c, _ = ddrm_mod.spectral_operator(SliceLayout(other, prior, torch.float32))
+    assert len(ddrm_mod._SVD_CACHE) == 2 and c.u.shape[1] < a.u.shape[1]    # another geometry: its own SVD
     units = ddrm_mod.UnitLayout(lay)
     with pytest.raises(ConfigError) as e:
         METHODS["ddrm"](prob, {"max_svd_elements": 1000, "sigma_y": 0.01}, prior)
