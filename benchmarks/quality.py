@@ -61,6 +61,8 @@ SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
 CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
               "resample", "latent_dps"]
 MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps"]
+CT_METHODS += ["pnp_admm", "pnp_red"]       # PnP with the slice prior's denoiser (medrecon/methods/pnp.py)
+MR_METHODS += ["pnp_admm", "pnp_red"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
 
 # Which trained prior each method needs, per modality (None: classical, no prior).
@@ -71,6 +73,8 @@ PRIOR_OF = {
     "MR": {"dds": "mr_slice", "dps": "mr_slice", "padis": "mr_patch", "resample": "mr_latent",
            "latent_dps": "mr_latent"},
 }
+PRIOR_OF["CT"].update({"pnp_admm": "slice", "pnp_red": "slice"})
+PRIOR_OF["MR"].update({"pnp_admm": "mr_slice", "pnp_red": "mr_slice"})
 
 # Modest sampler settings for 2 CPU cores (the papers use 50-1000 steps; see each method's docstring).
 SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
@@ -90,6 +94,9 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     # Latent DPS: dps_scale is not scale-free (docs/algorithms.md section 6); scan on 8-view CT (4 slices, 20 steps):
     # 0-5 -> 7 dB (prior samples), 50 -> 9.1 dB, 500 -> 13.8 dB (residual MSE 0.24).
     "latent_dps": {"steps": 50, "dps_scale": 500.0},
+    # PnP: optimisers, 30 / 50 network evaluations (the registered defaults); see medrecon/methods/pnp.py
+    "pnp_admm": {"iterations": 30},
+    "pnp_red": {"iterations": 50},
 }
 
 # PaDIS patch geometry for 64 x 64 slices: 8 pixels of padding, 16 and 32 pixel patches.
