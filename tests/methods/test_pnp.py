@@ -228,3 +228,17 @@ def test_init_without_a_starting_image_is_refused():
     with pytest.raises(InputError, match="no starting image") as err:
         METHODS["pnp_admm"](ct_problem(9, 11, 1), {"init": "tv"}, slice_prior())
     assert "init: none" in err.value.fix
+
+
+@pytest.mark.parametrize("method", ["pnp_admm", "pnp_red"])
+def test_the_reconstruct_step_computes_the_start_init_names(method):
+    from medrecon.recon.ct_fbp import fbp
+    from medrecon.reconstruct import _initial_image
+
+    prob = ct_problem(20, 23, 2)
+    prob.init = _initial_image(method, {"init": "fbp"}, prob, per_slice=True)
+    assert torch.allclose(prob.init, fbp(prob.operator, prob.y))
+    calls: list[dict] = []
+    prob.progress = calls.append
+    res = METHODS[method](prob, {"iterations": 2, "init": "fbp"}, slice_prior())
+    assert res.nfe == 2 and bool(torch.isfinite(res.samples).all()) and len(calls) == 2
