@@ -43,8 +43,8 @@ assumptions) ``A^H (A x - y) + lam (x - D(x, sigma))``. ``solver: fixed_point`` 
 
 ``solver: gradient`` (RunSD): ``x <- x - mu (A^H (A x - y) + lam (x - D(x, sigma)))``, with
 ``mu = step / (||A||^2 + lam)``. **Fixed point**: by Tweedie ``x - D(x, sigma) = -sigma^2 grad log p_sigma(x)``,
-so both solvers stop at a stationary point of ``-log p(y|x) - lam sigma_img^2 log p_sigma(x)``: the MAP
-under the sigma-smoothed prior p_sigma; for a Gaussian prior, the posterior mean under the prior
+so both solvers stop at a stationary point of ``1/2 ||A x - y||^2 - lam sigma_img^2 log p_sigma(x)``: the
+MAP under the sigma-smoothed prior p_sigma; for a Gaussian prior, the posterior mean under the prior
 N(mu, S + sigma^2 I) with noise variance ``lam sigma_img^2`` (exact; tested), i.e. the
 Bayes weight is ``lam = s_y^2 / sigma_img^2``.
 
