@@ -73,7 +73,7 @@ import torch
 from medrecon.diffusion.canvas import prior_background
 from medrecon.diffusion.dc import absolute_dc_weights, cg_normal, operator_norm_sq
 from medrecon.diffusion.denoiser import Prior
-from medrecon.errors import ConfigError, InputError
+from medrecon.errors import ConfigError
 from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
@@ -137,7 +137,7 @@ class _Setup:
         init = self.p["init"]
         if init not in (None, "none"):
             if self.problem.init is None:
-                raise InputError(f"{self.name}: init {init!r} is set but the problem has no starting image",
+                raise ConfigError(f"{self.name}: init {init!r} is set but the problem has no starting image",
                                  fix="run through the reconstruct step (which computes it), set problem.init, "
                                  "or set init: none")
             x = self.problem.init.to(self.op.in_dtype)

@@ -22,7 +22,7 @@ from medrecon.diffusion.analytic import DenseOperator, GaussianMixturePrior, Gau
 from medrecon.diffusion.dc import operator_norm_sq
 from medrecon.diffusion.denoiser import EpsilonDenoiser, Prior
 from medrecon.diffusion.schedules import VPSchedule
-from medrecon.errors import ConfigError, InputError
+from medrecon.errors import ConfigError
 from medrecon.physics.coils import birdcage_coils
 from medrecon.physics.mri import Sense2D
 from medrecon.physics.mri_sampling import cartesian_mask_1d
@@ -225,7 +225,7 @@ def test_bad_parameters_are_one_clear_error(method, params, match):
 
 
 def test_init_without_a_starting_image_is_refused():
-    with pytest.raises(InputError, match="no starting image") as err:
+    with pytest.raises(ConfigError, match="no starting image") as err:
         METHODS["pnp_admm"](ct_problem(9, 11, 1), {"init": "tv"}, slice_prior())
     assert "init: none" in err.value.fix
 
