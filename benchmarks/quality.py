@@ -79,7 +79,8 @@ PRIOR_OF["CT"].update({"dcdp": "slice", "dcdp_latent": "latent"})
 PRIOR_OF["MR"].update({"dcdp": "mr_slice", "dcdp_latent": "mr_latent"})
 
 # fbp_unet (FBPConvNet, supervised): one network per acquisition, so its prior is trained per CT setting, for that
-# setting's measure.ct (prior names supervised_v8, supervised_v20, ...: prior_for).
+# setting's measure.ct (prior names supervised_v8, supervised_v20, ...: prior_for). Measured (defaults, CPU, 240 s of
+# training per setting): axial PSNR 8 views fbp 17.41 -> fbp_unet 21.24 dB, 20 views 22.08 -> 23.55 dB.
 CT_METHODS.append("fbp_unet")
 PRIOR_OF["CT"]["fbp_unet"] = "supervised"
 PER_SETTING_PRIORS = {"supervised"}

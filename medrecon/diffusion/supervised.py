@@ -160,7 +160,8 @@ def geometry_record(geometry: Any, measure: dict[str, Any]) -> dict[str, Any]:
 
 def problem_geometry(problem: Any) -> dict[str, Any]:
     """The acquisition of a reconstruction problem, as :func:`geometry_record` writes it: the operator's CT
-    geometry, and the noise and mu_water its measurement recorded (``problem.meta``; measure step)."""
+    geometry, and the noise and mu_water its measurement recorded (``problem.meta``; measure step). A problem
+    without a noise record (built by hand, not from a measurement store) has ``noise_known: False``."""
     geom = getattr(problem.operator, "geometry", None)
     if geom is None or not hasattr(geom, "to_dict") or getattr(geom, "beam", None) not in ("parallel", "fan"):
         raise InputError(f"fbp_unet needs a per-slice (parallel or fan beam) CT operator, got "
@@ -171,7 +172,7 @@ def problem_geometry(problem: Any) -> dict[str, Any]:
     return to_jsonable({"ct": geom.to_dict(),
                         "I0": noise.get("I0") if noise.get("model") == "ct_poisson" else None,
                         "electronic_std": float(noise.get("electronic_std") or 0.0),
-                        "mu_water": units.get("mu_water")})
+                        "mu_water": units.get("mu_water"), "noise_known": "noise" in meta})
 
 
 def describe_geometry(rec: dict[str, Any]) -> str:
@@ -180,7 +181,8 @@ def describe_geometry(rec: dict[str, Any]) -> str:
     ang = np.degrees(np.asarray(g["angles"], dtype=np.float64))
     dist = "" if g["beam"] == "parallel" else \
         f", source {g['source_distance']:.4g} mm, detector {g['detector_distance']:.4g} mm"
-    i0 = "noiseless" if rec.get("I0") is None else f"I0 {rec['I0']:.4g}"
+    i0 = "noise not recorded" if rec.get("noise_known") is False else \
+        "noiseless" if rec.get("I0") is None else f"I0 {rec['I0']:.4g}"
     return (f"{g['beam']} beam, {len(ang)} views {ang.min():.4g}..{ang.max():.4g} deg, {g['detector_count']} bins "
             f"x {g['detector_spacing']:.4g} mm{dist}, image {'x'.join(map(str, g['shape']))} px x "
             f"{g['spacing'][-1]:.4g} mm, {i0}, mu_water {rec.get('mu_water')}")
@@ -188,7 +190,7 @@ def describe_geometry(rec: dict[str, Any]) -> str:
 
 def geometry_differences(trained: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """What differs between two records, ``"key (trained vs given)"`` (floats to 1e-6 relative; views for angle
-    lists of another length)."""
+    lists of another length; the noise only where the problem records it, mu_water only where known)."""
 
     def same(a: Any, b: Any) -> bool:
         if a is None or b is None:
@@ -206,8 +208,9 @@ def geometry_differences(trained: dict[str, Any], given: dict[str, Any]) -> list
 
     t, g = trained["ct"], given["ct"]
     out = [label(k, t.get(k), g.get(k)) for k in sorted(set(t) | set(g)) if not same(t.get(k), g.get(k))]
-    out += [label(k, trained.get(k), given.get(k)) for k in ("I0", "electronic_std")
-            if not same(trained.get(k), given.get(k))]
+    if given.get("noise_known", True):
+        out += [label(k, trained.get(k), given.get(k)) for k in ("I0", "electronic_std")
+                if not same(trained.get(k), given.get(k))]
     if given.get("mu_water") is not None and not same(trained.get("mu_water"), given["mu_water"]):
         out.append(label("mu_water", trained.get("mu_water"), given["mu_water"]))
     return out

@@ -214,6 +214,12 @@ def test_another_geometry_is_one_clear_error(study):
     prob.meta["noise"] = {**prob.meta["noise"], "I0": 1e4}
     with pytest.raises(ConfigError, match=r"I0 \(100000.0 vs 10000.0\)"):
         METHODS["fbp_unet"](prob, {}, prior, None)
+    prob.meta = {}                 # a hand-built problem: the geometry is still checked, the unknown noise is not
+    assert METHODS["fbp_unet"](prob, {}, prior, None).samples.shape == (1, 3, *SHAPE)
+    p20 = _problem(study["m20"])
+    p20.meta = {}
+    with pytest.raises(ConfigError, match=r"views \(8 vs 20\)"):
+        METHODS["fbp_unet"](p20, {}, prior, None)
 
 
 def test_bad_training_configs_are_one_clear_error(tmp_path, study):
