@@ -244,3 +244,32 @@ def test_the_study_measure_is_the_default_acquisition():
     assert resolve_supervised_config({k: v for k, v in sec.items() if k != "modality"})["measure"]["views"] == 12
     plain = {"kind": "slice", "modality": "CT"}
     assert cfgmod.training_section(plain, study) == plain
+
+
+def test_the_workflow_trains_a_supervised_prior_for_the_study_acquisition(tmp_path):
+    """`snakemake <results>/<study>/priors/<name>.pt` for a supervised config: the train job gets the study's
+    measure.ct (with the section's own measure keys over it) in its --config (dry run)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = {"study": "s", "results": str(tmp_path / "results"),
+           "subjects": [{"id": "t1", "input": "phantom:ct_chest?seed=6&shape=6,40,40&spacing=5,5,5",
+                         "modality": "CT", "role": "train"}],
+           "measure": {"ct": {"views": 12, "I0": 5e4}},
+           "train": {"ct_fbpu": {"modality": "CT", "kind": "supervised", "measure": {"electronic_std": 2.0}}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    target = tmp_path / "results" / "s" / "priors" / "ct_fbpu.pt"
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--snakefile",
+                           str(repo / "workflow" / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+                           str(tmp_path / "c.yaml"), "--", str(target)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    line = next(ln for ln in out.splitlines() if "medrecon train" in ln)
+    sent = json.loads(line.split("--config '", 1)[1].split("'", 1)[0])["train"]["ct_fbpu"]["measure"]
+    assert (sent["views"], sent["I0"], sent["electronic_std"], sent["beam"]) == (12, 5e4, 2.0, "parallel")
