@@ -60,7 +60,9 @@ MR_SPACING = (5.0, 3.5, 3.5)
 SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
 CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
               "resample", "latent_dps"]
+CT_METHODS += ["diffusionmbir"]
 MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps"]
+MR_METHODS += ["diffusionmbir"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
 
 # Which trained prior each method needs, per modality (None: classical, no prior).
@@ -71,6 +73,8 @@ PRIOR_OF = {
     "MR": {"dds": "mr_slice", "dps": "mr_slice", "padis": "mr_patch", "resample": "mr_latent",
            "latent_dps": "mr_latent"},
 }
+PRIOR_OF["CT"]["diffusionmbir"] = "slice"
+PRIOR_OF["MR"]["diffusionmbir"] = "mr_slice"
 
 # Modest sampler settings for 2 CPU cores (the papers use 50-1000 steps; see each method's docstring).
 SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
@@ -91,6 +95,8 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     # 0-5 -> 7 dB (prior samples), 50 -> 9.1 dB, 500 -> 13.8 dB (residual MSE 0.24).
     "latent_dps": {"steps": 50, "dps_scale": 500.0},
 }
+# DiffusionMBIR: 100 predictor-corrector steps (200 NFE; the reference: 2000 steps, 4000 NFE).
+SAMPLER_PARAMS["diffusionmbir"] = {"steps": 100}
 
 # PaDIS patch geometry for 64 x 64 slices: 8 pixels of padding, 16 and 32 pixel patches.
 PATCH_2D = {"pad_width": 8, "patch_sizes": [16, 32], "patch_probs": [0.5, 0.5]}

@@ -13,6 +13,7 @@ import torch
 
 import medrecon.methods.dds  # registers the methods
 import medrecon.methods.diffusionblend
+import medrecon.methods.diffusionmbir
 import medrecon.methods.padis
 import medrecon.methods.resample  # noqa: F401
 from medrecon.diffusion.canvas import Canvas, CanvasDenoiser, network_multiple, prior_background
@@ -112,6 +113,7 @@ PRIORS = {
     "dds": slice_prior, "dps": slice_prior, "diffusionblend": slab_prior, "diffusionblend++": slab_prior,
     "padis": lambda: patch_prior(None), "padis3d": lambda: patch_prior(3),
     "resample": lambda: latent_prior("autoencoder"), "latent_dps": lambda: latent_prior("space_to_depth"),
+    "diffusionmbir": slice_prior,
 }
 PARAMS = {
     "dds": {"steps": 3}, "dps": {"steps": 3, "zeta": 1e-3}, "diffusionblend": {"steps": 3},
@@ -121,6 +123,7 @@ PARAMS = {
     "resample": {"steps": 4, "variant": "pixel", "dc_every": 1, "splits": 2, "inter_steps": 1, "pixel_iters": 40,
                  "pixel_lr": 0.1, "dps_scale": 1e-3},
     "latent_dps": {"steps": 3, "dps_scale": 1e-3},
+    "diffusionmbir": {"steps": 3},
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
 HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample"}
