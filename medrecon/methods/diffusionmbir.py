@@ -29,8 +29,9 @@ spread. The noise-aware step treats the noisy state x_pred (noise sigma_i in the
 in the image domain) as a second measurement of x: it adds ``gamma/2 ||x - x_pred||^2`` with
 ``gamma = sigma_y^2 scale^2 / sigma_i^2`` to the objective above (which is ||Ax - y||^2 / sigma_y^2 times
 sigma_y^2), i.e. ``(A^H A + rho D_z^T D_z + gamma I) x = A^H y + rho D_z^T (z - u) + gamma x_pred``; sigma_y
-= problem.noise_std (sigma_y = 0 is the hard step). Its final back-projection step is off by default (it would
-force the noise back into the image).
+is the ``sigma_y`` parameter, else problem.noise_std (sigma_y = 0 is the hard step; CT measurements with
+Poisson noise record no single sigma_y: set it, e.g. the RMS of sqrt(exp(y) / I0) over the rays). Its final
+back-projection step is off by default (it would force the noise back into the image).
 
 Departures, on purpose:
 
@@ -80,7 +81,7 @@ from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 MBIR_DEFAULTS: dict[str, Any] = {
     "steps": 100, "snr": 0.16, "snr_norm": "sample", "sigma_max": None, "sigma_min": 0.01, "dc": "hard",
     "ztv": None, "rho": 0.004, "ztv_lambda": 7e-4, "cg_iter": 1, "cg_tol": 1e-6, "weights": "relative",
-    "final_consistency": None, "samples": 1, "sample_batch": None, "dtype": "float32", "init": None,
+    "final_consistency": None, "sigma_y": None, "samples": 1, "sample_batch": None, "dtype": "float32", "init": None,
     "start": 1.0,
 }
 
@@ -127,9 +128,15 @@ def _noise_std(problem: ReconProblem, p: dict) -> float:
     """sigma_y for ``dc: noise_aware`` (0 for hard data consistency)."""
     if p["dc"] != "noise_aware":
         return 0.0
+    if p["sigma_y"] is not None:
+        if float(p["sigma_y"]) < 0:
+            raise ConfigError(f"diffusionmbir: sigma_y must be >= 0, got {p['sigma_y']}",
+                              fix="leave sigma_y unset to use the measurement's noise_std")
+        return float(p["sigma_y"])
     if problem.noise_std is None:
         raise InputError("diffusionmbir: dc: noise_aware needs the measurement noise level, and this problem's "
-                         "noise_std is unknown", fix="use dc: hard, or record noise_std with the measurement")
+                         "noise_std is unknown (CT with Poisson noise records none)",
+                         fix="use dc: hard, set sigma_y (in measurement units), or record noise_std")
     return float(problem.noise_std)
 
 

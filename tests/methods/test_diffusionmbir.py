@@ -252,6 +252,8 @@ def test_errors_are_clear():
     prob, prior = _mr_problem(None)
     with pytest.raises(InputError, match="noise_std"):
         METHODS["diffusionmbir"](prob, {"steps": 2, "dc": "noise_aware"}, prior, None)
+    r = METHODS["diffusionmbir"](prob, {"steps": 2, "dc": "noise_aware", "sigma_y": 0.02}, prior, None)
+    assert r.info["noise_std"] == 0.02
     with pytest.raises(ConfigError, match="dc must be one of"):
         METHODS["diffusionmbir"](prob, {"dc": "soft"}, prior, None)
     with pytest.raises(ConfigError, match="sigma_min"):
