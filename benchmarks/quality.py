@@ -95,8 +95,10 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     # 0-5 -> 7 dB (prior samples), 50 -> 9.1 dB, 500 -> 13.8 dB (residual MSE 0.24).
     "latent_dps": {"steps": 50, "dps_scale": 500.0},
 }
-# DiffusionMBIR: 100 predictor-corrector steps (200 NFE; the reference: 2000 steps, 4000 NFE).
-SAMPLER_PARAMS["diffusionmbir"] = {"steps": 100}
+# DiffusionMBIR: 100 predictor-corrector steps (200 NFE; the reference: 2000 steps, 4000 NFE, 1 CG step each).
+# Measured on an 8 x 64 x 64 chest phantom, 20 views, demo prior data/priors/ct_slice.pt (PSNR): 1 CG step
+# 21.3 dB at 100 steps, 23.8 at 300; 5 CG steps 27.7 at 100 steps (FBP 21.8, DDS z-TV 50 steps 24.8).
+SAMPLER_PARAMS["diffusionmbir"] = {"steps": 100, "cg_iter": 5}
 
 # PaDIS patch geometry for 64 x 64 slices: 8 pixels of padding, 16 and 32 pixel patches.
 PATCH_2D = {"pad_width": 8, "patch_sizes": [16, 32], "patch_probs": [0.5, 0.5]}

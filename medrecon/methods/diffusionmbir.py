@@ -21,7 +21,10 @@ total-variation penalty along z in the data-consistency step. Per step i = 0 .. 
 After the loop (``final_consistency``, reference ``final_consistency=True``) one normalised back-projection
 step ``x <- x + A^H (y - A x) / A^H A 1`` ("Kaczmarz" in the reference). The output is that last state (the
 reference returns it, not a denoised estimate): it keeps noise of level sigma_min in the prior domain.
-NFE = 2 per step (the reference: 2000 steps, 4000 NFE per slice; default here 100 steps for CPUs).
+NFE = 2 per step (the reference: 2000 steps, 4000 NFE per slice; default here 100 steps for CPUs). The
+reference's single CG step per diffusion step assumes its 2000 steps: measured on an 8 x 64 x 64 chest phantom
+(20 views, Poisson noise, the demo slice prior), PSNR 21.3 dB at 100 steps and 23.8 dB at 300 with
+``cg_iter: 1``, 27.7 dB at 100 steps with ``cg_iter: 5`` (FBP 21.8 dB, DDS 24.8 dB); the default stays 1.
 
 ``dc: noise_aware`` (medrecon's addition, /work notes wave 2 section 3.3): the reference's data step solves the
 noise-free normal equations and ignores sigma_y; on a 1D problem with A = 1 it returns y itself with zero
