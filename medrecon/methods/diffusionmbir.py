@@ -16,7 +16,8 @@ total-variation penalty along z in the data-consistency step. Per step i = 0 .. 
    iteration of min 1/2 ||Ax - y||^2 + ztv_lambda ||D_z x||_1 whose x-update is ``cg_iter`` (reference: 1) CG
    steps on ``(A^H A + rho D_z^T D_z) x = A^H y + rho D_z^T (z - u)``, with (z, u) persistent across steps
    (:func:`medrecon.diffusion.dc.ztv_admm_step`); without ``ztv`` (2D, or per-slice), ``cg_iter`` CG steps on
-   the normal equations (:func:`medrecon.diffusion.dc.cg_normal`).
+   the normal equations (:func:`medrecon.diffusion.dc.cg_normal`). One data step per predictor-corrector
+   pair, after the corrector, as both reference functions (3D and 2D) do: not one after each of the two.
 
 After the loop (``final_consistency``, reference ``final_consistency=True``) one normalised back-projection
 step ``x <- x + A^H (y - A x) / A^H A 1`` ("Kaczmarz" in the reference). The output is that last state (the
