@@ -59,10 +59,11 @@ CT_SPACING = (5.0, 5.0, 5.0)
 MR_SPACING = (5.0, 3.5, 3.5)
 SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
 CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
-              "resample", "latent_dps"]
-CT_METHODS += ["diffusionmbir"]
-MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps"]
-MR_METHODS += ["diffusionmbir"]
+              "resample", "latent_dps", "ddnm", "mcg", "dcdp", "dcdp_latent",
+              "diffusionmbir"]
+# mcg, like dps, only on request (--mr-methods mcg): autograd through the network
+MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps", "ddnm", "dcdp",
+              "dcdp_latent", "diffusionmbir"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
 
 # Which trained prior each method needs, per modality (None: classical, no prior).
@@ -73,8 +74,12 @@ PRIOR_OF = {
     "MR": {"dds": "mr_slice", "dps": "mr_slice", "padis": "mr_patch", "resample": "mr_latent",
            "latent_dps": "mr_latent"},
 }
-PRIOR_OF["CT"]["diffusionmbir"] = "slice"
-PRIOR_OF["MR"]["diffusionmbir"] = "mr_slice"
+PRIOR_OF["CT"].update({"ddnm": "slice", "mcg": "slice"})
+PRIOR_OF["MR"].update({"ddnm": "mr_slice", "mcg": "mr_slice"})
+PRIOR_OF["CT"].update({"dcdp": "slice", "dcdp_latent": "latent"})
+PRIOR_OF["MR"].update({"dcdp": "mr_slice", "dcdp_latent": "mr_latent"})
+PRIOR_OF["CT"].update({"diffusionmbir": "slice"})
+PRIOR_OF["MR"].update({"diffusionmbir": "mr_slice"})
 
 # Modest sampler settings for 2 CPU cores (the papers use 50-1000 steps; see each method's docstring).
 SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
@@ -94,6 +99,16 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     # Latent DPS: dps_scale is not scale-free (docs/algorithms.md section 6); scan on 8-view CT (4 slices, 20 steps):
     # 0-5 -> 7 dB (prior samples), 50 -> 9.1 dB, 500 -> 13.8 dB (residual MSE 0.24).
     "latent_dps": {"steps": 50, "dps_scale": 500.0},
+    # DDNM: the reference's 100 steps and eta 0.85, no time travel (its configs); not tuned here.
+    "ddnm": {"steps": 100},
+    # MCG: 100 ancestral steps instead of 1000; zeta is in the operator's units (as DPS's) and not tuned here.
+    "mcg": {"steps": 100, "zeta": 1.0},
+    # DCDP: the reference's K = 10, T0 = 400 with 10-step DDIM purification (91 NFE) and 10 CG steps per round
+    # (not tuned here). Spot check, 2 slices of a ct_chest phantom, 16 views, demo priors (PSNR, [-1000, 1000] HU):
+    # fbp 22.8, dds-20 26.0; dcdp defaults 25.7, tweedie 26.5, t_start 200 26.4, dc_iter 5/20 25.4/25.8;
+    # dcdp_latent 23.5 (the demo autoencoder's ceiling: nothing above ~270 HU).
+    "dcdp": {"steps": 10, "t_start": 400, "ddim_steps": 10, "dc_iter": 10},
+    "dcdp_latent": {"steps": 10, "t_start": 400, "ddim_steps": 10, "dc_iter": 10},
 }
 # DiffusionMBIR: 100 predictor-corrector steps (200 NFE; the reference: 2000 steps, 4000 NFE, 1 CG step each).
 # Measured on an 8 x 64 x 64 chest phantom, 20 views, demo prior data/priors/ct_slice.pt (PSNR): 1 CG step

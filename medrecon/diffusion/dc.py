@@ -121,6 +121,18 @@ def cg_normal(op: LinearOperator, y: torch.Tensor | None, x0: torch.Tensor, n_it
     return cg(apply, rhs, x0, n_iter, tol, n_batch)
 
 
+def pinv_normal(op: LinearOperator, rhs: torch.Tensor, n_iter: int = 20, tol: float = 1e-6,
+                n_batch: int = 0) -> torch.Tensor:
+    """``A^+ b`` from ``rhs = A^H b``: CG from zero on ``A^H A x = rhs`` (DDNM's and MCG's projections).
+
+    Every CG iterate lies in the Krylov space of ``A^H A`` started at ``A^H b``, inside range(A^H), so the
+    limit is the minimum-norm least-squares solution, i.e. the Moore-Penrose pseudo-inverse applied to b,
+    without an SVD. Early stopping (``n_iter``) truncates it, which for ill-conditioned operators (CT) is also
+    the regulariser. ``A^+ A v`` (the range-space part of v) is ``pinv_normal(op, op.normal(v))``.
+    """
+    return cg_normal(op, None, torch.zeros_like(rhs), n_iter, 0.0, tol, n_batch, aty=rhs)
+
+
 def diff_z(x: torch.Tensor, axis: int = -3) -> torch.Tensor:
     """Circular forward difference along the slice axis: (D_z x)[i] = x[i+1] - x[i] (DDS ``_Dz``)."""
     return torch.roll(x, -1, dims=axis) - x
