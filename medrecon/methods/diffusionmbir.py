@@ -19,8 +19,11 @@ total-variation penalty along z in the data-consistency step. Per step i = 0 .. 
    the normal equations (:func:`medrecon.diffusion.dc.cg_normal`). One data step per predictor-corrector
    pair, after the corrector, as both reference functions (3D and 2D) do: not one after each of the two.
 
-After the loop (``final_consistency``, reference ``final_consistency=True``) one normalised back-projection
-step ``x <- x + A^H (y - A x) / A^H A 1`` ("Kaczmarz" in the reference). The output is that last state (the
+After the loop (``final_consistency``; the reference's CT function with ``final_consistency=True``, its MRI
+function has no such step) one normalised back-projection step ``x <- x + A^T (y - A x) / A^T A 1``
+("Kaczmarz" in the reference). It is a SIRT step, a valid preconditioner only where ``A^T A 1 > 0`` (a
+nonnegative operator: CT); unset, it runs for ``dc: hard`` on CT whose ``A^T A 1`` is nonnegative, and asking
+for it on another operator (MR, a signed matrix) is a ConfigError. The output is that last state (the
 reference returns it, not a denoised estimate): it keeps noise of level sigma_min in the prior domain.
 NFE = 2 per step (the reference: 2000 steps, 4000 NFE per slice; default here 100 steps for CPUs). The
 reference's single CG step per diffusion step assumes its 2000 steps: measured on an 8 x 64 x 64 chest phantom
@@ -53,8 +56,7 @@ Departures, on purpose:
   has too few pixels for a stable norm, e.g. the 1D analytic checks).
 * Posterior samples are independent CG systems (the reference has one volume); inner products are Hermitian
   (complex multi-coil MRI through the 2-channel prior and the SENSE operator; the reference's BRATS MRI is
-  single-coil magnitude). For complex operators the final step divides by |A^H A 1|; pixels where A^H A 1
-  vanishes (no ray, no data) are left alone.
+  single-coil magnitude). In the final step pixels where A^T A 1 vanishes (no ray) are left alone.
 * Slices of any size are padded to the network's multiple with the background (:class:`SliceLayout`); the
   padded part of the state is never touched by data consistency.
 """
@@ -100,8 +102,8 @@ def ve_sigmas(sigma_max: float, sigma_min: float, steps: int) -> torch.Tensor:
     return torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
 
 
-def _check(p: dict, prior: Prior, n_slices_axis: int) -> tuple[float, float, bool, bool]:
-    """Value checks; returns (sigma_max, sigma_min, ztv, final_consistency)."""
+def _check(p: dict, prior: Prior, n_slices_axis: int) -> tuple[float, float, bool, bool | None]:
+    """Value checks; returns (sigma_max, sigma_min, ztv, final_consistency as given)."""
     if int(p["steps"]) < 1:
         raise ConfigError(f"diffusionmbir: steps must be >= 1, got {p['steps']}", fix="e.g. steps: 100")
     if float(p["snr"]) < 0:
@@ -124,8 +126,7 @@ def _check(p: dict, prior: Prior, n_slices_axis: int) -> tuple[float, float, boo
     if ztv and n_slices_axis < 2:
         raise ConfigError("diffusionmbir: ztv needs a volume (Z, Y, X) with at least 2 slices; this problem has one",
                           fix="set ztv: false (or leave it unset) for 2D problems")
-    final = (p["dc"] == "hard") if p["final_consistency"] is None else bool(p["final_consistency"])
-    return s_max, s_min, ztv, final
+    return s_max, s_min, ztv, p["final_consistency"]
 
 
 def _noise_std(problem: ReconProblem, p: dict) -> float:
@@ -144,12 +145,30 @@ def _noise_std(problem: ReconProblem, p: dict) -> float:
     return float(problem.noise_std)
 
 
-def backprojection_step(op: LinearOperator, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The reference's final step ``x + A^H (y - A x) / A^H A 1`` (|A^H A 1| for complex operators); pixels
-    where A^H A 1 is below 1e-6 of its largest value are not updated."""
+def backprojection_normaliser(op: LinearOperator, image_shape: tuple[int, ...], device: torch.device | None = None
+                               ) -> torch.Tensor | None:
+    """``A^T A 1`` (1, *image_shape) when it is real and nonnegative (a nonnegative operator such as CT), else None:
+    only then is the reference's final step a (SIRT) preconditioned step rather than an arbitrary rescaling."""
+    if op.in_dtype.is_complex:
+        return None
     with torch.no_grad():
-        norm = op.normal(torch.ones((1, *x.shape[1:]), dtype=x.dtype, device=x.device)).abs()
-        ok = norm > 1e-6 * float(norm.max()) if float(norm.max()) > 0 else torch.zeros_like(norm, dtype=torch.bool)
+        norm = op.normal(torch.ones((1, *image_shape), dtype=op.in_dtype, device=device))
+    return norm if float(norm.min()) >= -1e-6 * max(float(norm.max()), 0.0) else None
+
+
+def backprojection_step(op: LinearOperator, y: torch.Tensor, x: torch.Tensor,
+                        norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's final step ``x + A^T (y - A x) / A^T A 1``; pixels where A^T A 1 is below 1e-6 of its
+    largest value (no ray through them) are not updated."""
+    with torch.no_grad():
+        if norm is None:
+            norm = backprojection_normaliser(op, tuple(x.shape[1:]), x.device)
+            if norm is None:
+                raise ConfigError("diffusionmbir: the final back-projection step needs A^T A 1 >= 0 (a nonnegative "
+                                  "operator such as CT); this operator's is not",
+                                  fix="set final_consistency: false")
+        top = float(norm.max())
+        ok = norm > 1e-6 * top if top > 0 else torch.zeros_like(norm, dtype=torch.bool)
         step = op.adjoint(y - op.forward(x)) / torch.where(ok, norm, torch.ones_like(norm))
         return x + torch.where(ok, step, torch.zeros_like(step))
 
@@ -183,6 +202,12 @@ def diffusionmbir(problem: ReconProblem, params: dict, prior: Prior,
     op = lay.op
     n_z = lay.image_shape[-3] if len(lay.image_shape) >= 3 else 1
     s_max, s_min, ztv, final = _check(p, prior, n_z)
+    norm = backprojection_normaliser(op, lay.image_shape, problem.y.device) if final is not False else None
+    if final is None:           # the reference's CT default, where the step is well defined
+        final = p["dc"] == "hard" and problem.modality == "CT" and norm is not None
+    elif final and norm is None:
+        raise ConfigError("diffusionmbir: final_consistency needs A^T A 1 >= 0 (a nonnegative operator such as CT);"
+                          " this operator's is not (complex or signed)", fix="set final_consistency: false")
     sigma_y = _noise_std(problem, p)
     sigmas = ve_sigmas(s_max, s_min, int(p["steps"]))
     if not 0.0 < float(p["start"]) <= 1.0:
@@ -240,7 +265,7 @@ def diffusionmbir(problem: ReconProblem, params: dict, prior: Prior,
                 if report:
                     report(xi, sigma=float(sig))
         if final:
-            xi = backprojection_step(op, lay.y, xi)
+            xi = backprojection_step(op, lay.y, xi, norm)
         outs.append(xi)
     samples = torch.cat(outs)
     with torch.no_grad():
