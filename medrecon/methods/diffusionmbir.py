@@ -30,7 +30,7 @@ reference's single CG step per diffusion step assumes its 2000 steps: measured o
 (20 views, Poisson noise, the demo slice prior), PSNR 21.3 dB at 100 steps and 23.8 dB at 300 with
 ``cg_iter: 1``, 27.7 dB at 100 steps with ``cg_iter: 5`` (FBP 21.8 dB, DDS 24.8 dB); the default stays 1.
 
-``dc: noise_aware`` (medrecon's addition, /work notes wave 2 section 3.3): the reference's data step solves the
+``dc: noise_aware`` (medrecon's addition, docs/algorithms.md section 3): the reference's data step solves the
 noise-free normal equations and ignores sigma_y; on a 1D problem with A = 1 it returns y itself with zero
 spread. The noise-aware step treats the noisy state x_pred (noise sigma_i in the prior domain, sigma_i / |scale|
 in the image domain) as a second measurement of x: it adds ``gamma/2 ||x - x_pred||^2`` with
