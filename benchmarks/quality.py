@@ -60,10 +60,10 @@ MR_SPACING = (5.0, 3.5, 3.5)
 SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
 CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
               "resample", "latent_dps", "ddnm", "mcg", "dcdp", "dcdp_latent",
-              "diffusionmbir"]
+              "pnp_admm", "pnp_red", "diffusionmbir"]
 # mcg, like dps, only on request (--mr-methods mcg): autograd through the network
 MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps", "ddnm", "dcdp",
-              "dcdp_latent", "diffusionmbir"]
+              "dcdp_latent", "pnp_admm", "pnp_red", "diffusionmbir"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
 
 # Which trained prior each method needs, per modality (None: classical, no prior).
@@ -78,6 +78,8 @@ PRIOR_OF["CT"].update({"ddnm": "slice", "mcg": "slice"})
 PRIOR_OF["MR"].update({"ddnm": "mr_slice", "mcg": "mr_slice"})
 PRIOR_OF["CT"].update({"dcdp": "slice", "dcdp_latent": "latent"})
 PRIOR_OF["MR"].update({"dcdp": "mr_slice", "dcdp_latent": "mr_latent"})
+PRIOR_OF["CT"].update({"pnp_admm": "slice", "pnp_red": "slice"})
+PRIOR_OF["MR"].update({"pnp_admm": "mr_slice", "pnp_red": "mr_slice"})
 PRIOR_OF["CT"].update({"diffusionmbir": "slice"})
 PRIOR_OF["MR"].update({"diffusionmbir": "mr_slice"})
 
@@ -109,6 +111,9 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     # dcdp_latent 23.5 (the demo autoencoder's ceiling: nothing above ~270 HU).
     "dcdp": {"steps": 10, "t_start": 400, "ddim_steps": 10, "dc_iter": 10},
     "dcdp_latent": {"steps": 10, "t_start": 400, "ddim_steps": 10, "dc_iter": 10},
+    # PnP: optimisers, 30 / 50 network evaluations (the registered defaults); see medrecon/methods/pnp.py
+    "pnp_admm": {"iterations": 30},
+    "pnp_red": {"iterations": 50},
 }
 # DiffusionMBIR: 100 predictor-corrector steps (200 NFE; the reference: 2000 steps, 4000 NFE, 1 CG step each).
 # Measured on an 8 x 64 x 64 chest phantom, 20 views, demo prior data/priors/ct_slice.pt (PSNR): 1 CG step

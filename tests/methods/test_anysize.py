@@ -112,6 +112,7 @@ PRIORS = {
     "ddnm": slice_prior, "mcg": slice_prior,
     "dcdp": slice_prior,
     "dcdp_latent": lambda: latent_prior("autoencoder"),
+    "pnp_admm": slice_prior, "pnp_red": slice_prior,
     "diffusionmbir": slice_prior,
 }
 PARAMS = {
@@ -125,6 +126,7 @@ PARAMS = {
     "ddnm": {"steps": 3}, "mcg": {"steps": 3, "zeta": 1e-3},
     "dcdp": {"steps": 3, "t_start": 100, "ddim_steps": 2},
     "dcdp_latent": {"steps": 3, "t_start": 100, "ddim_steps": 2},
+    "pnp_admm": {"iterations": 3}, "pnp_red": {"iterations": 3},
     "diffusionmbir": {"steps": 3},
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
