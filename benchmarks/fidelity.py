@@ -103,6 +103,11 @@ def run(samples_1d: int, samples_64: int, quick: bool) -> dict:
                             torch.Generator().manual_seed(3))
         label = f"{method.upper()} " + (" ".join(f"{k}={v}" for k, v in params.items()) or "defaults")
         add("seed1d", label, summary_1d(r.samples), samples_1d, r.nfe, r.info["time_s"])
+    # DiffusionMBIR: hard data consistency returns y; the noise-aware step (sigma_y = 0.8) is closer
+    for dc in ("hard", "noise_aware"):
+        r = METHODS["diffusionmbir"](prob, {"dc": dc, "snr_norm": "batch", "samples": samples_1d, "dtype": "float64"},
+                                     prior.as_prior(), torch.Generator().manual_seed(3))
+        add("seed1d", f"DiffusionMBIR dc={dc}", summary_1d(r.samples), samples_1d, r.nfe, r.info["time_s"])
 
     prior, post, prob = linear_gaussian_problem()
     cfgs = [("dps", {"zeta": 0.3}), ("dps", {"zeta": 1.0}), ("dds", {}), ("dds", {"cg_iter": 2}),
@@ -113,6 +118,7 @@ def run(samples_1d: int, samples_64: int, quick: bool) -> dict:
         label = f"{method.upper()} " + (" ".join(f"{k}={v}" for k, v in params.items()) or "defaults")
         add("lingauss64", label, summary_lg(r.samples, post), samples_64, r.nfe, r.info["time_s"])
     more = [("ddnm", {}), ("ddnm", {"variant": "ddnm+"}), ("mcg", {"zeta": 0.3, "steps": 100})]
+    more += [("diffusionmbir", {}), ("diffusionmbir", {"dc": "noise_aware"})]
     more += [] if quick else [("ddnm", {"eta": 0.0}), ("ddnm", {"travel_repeat": 3, "travel_length": 5}),
                               ("mcg", {"zeta": 0.0, "steps": 100}), ("mcg", {"zeta": 0.3, "steps": 1000})]
     for method, params in more:

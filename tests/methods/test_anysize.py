@@ -113,6 +113,7 @@ PRIORS = {
     "dcdp": slice_prior,
     "dcdp_latent": lambda: latent_prior("autoencoder"),
     "pnp_admm": slice_prior, "pnp_red": slice_prior,
+    "diffusionmbir": slice_prior,
 }
 PARAMS = {
     "dds": {"steps": 3}, "dps": {"steps": 3, "zeta": 1e-3}, "diffusionblend": {"steps": 3},
@@ -126,6 +127,7 @@ PARAMS = {
     "dcdp": {"steps": 3, "t_start": 100, "ddim_steps": 2},
     "dcdp_latent": {"steps": 3, "t_start": 100, "ddim_steps": 2},
     "pnp_admm": {"iterations": 3}, "pnp_red": {"iterations": 3},
+    "diffusionmbir": {"steps": 3},
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
 HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample", "ddnm", "mcg"}
