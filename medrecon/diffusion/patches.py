@@ -265,6 +265,24 @@ def mode_stride(mode: str, size: int, overlap: int = 8) -> int:
     return max(1, size - overlap)
 
 
+def mode_tiling(length: int, pad: int, size: int, mode: str, overlap: int = 8) -> AxisTiling | None:
+    """The grid of a :data:`PATCH_MODES` mode along one axis, or None if none fits.
+
+    Random-shift modes: :func:`axis_tiling` (most admissible origins). Fixed-grid modes: the reference's
+    ``denoisedOverlap`` loop - start at the image's first pixel (origin = pad), add patches every stride until
+    the image's last pixel is covered - moved back towards 0 only if it would leave the padded image.
+    """
+    stride = mode_stride(mode, size, overlap)
+    if mode not in FIXED_GRID_MODES:
+        return axis_tiling(length, pad, size, stride)
+    if size < 1:
+        return None
+    k = max(1, math.ceil((length - size) / stride) + 1)
+    extent = (k - 1) * stride + size
+    origin = min(pad, length + 2 * pad - extent)
+    return AxisTiling(length, pad, size, stride, k, origin, origin) if origin >= 0 else None
+
+
 
 class PatchDenoiser(Denoiser):
     """Whole-image denoiser of a padded image from a patch denoiser ``inner(x, sigma, {"coords": c})``.
@@ -308,11 +326,10 @@ class PatchDenoiser(Denoiser):
         out = []
         for a, (r, p, size) in enumerate(zip(spatial, self.pad, self.patch_shape, strict=True)):
             length = r - 2 * p
-            stride = mode_stride(self.mode, size, self.overlap)
-            t = axis_tiling(length, p, size, stride)
+            t = mode_tiling(length, p, size, self.mode, self.overlap)
             if t is None:
                 ok = [q for q in range(1, length + 2 * p + 1)
-                      if axis_tiling(length, p, q, mode_stride(self.mode, q, self.overlap)) is not None]
+                      if mode_tiling(length, p, q, self.mode, self.overlap) is not None]
                 raise ConfigError(
                     f"no patch grid of size {size} fits axis {a} (image {length}, padding {p}): the grid must "
                     f"cover the image and stay inside the padded image", fix=f"use a patch size in {ok[-8:]}")

@@ -56,9 +56,8 @@ from medrecon.diffusion.patches import (
     FIXED_GRID_MODES,
     PATCH_MODES,
     PatchDenoiser,
-    axis_tiling,
     crop_image,
-    mode_stride,
+    mode_tiling,
     pad_image,
     reference_lengths,
     ring_mask,
@@ -110,7 +109,7 @@ def choose_patch_size(lengths: tuple[int, ...], pads: tuple[int, ...], trained: 
     ok = []
     lo = max(multiple, min(trained))
     for p in range(max(trained) - max(trained) % multiple, lo - 1, -multiple):
-        tiles = [axis_tiling(n, w, p, mode_stride(mode, p, overlap)) for n, w in zip(lengths, pads, strict=True)]
+        tiles = [mode_tiling(n, w, p, mode, overlap) for n, w in zip(lengths, pads, strict=True)]
         if all(t is not None for t in tiles):
             ok.append((p, all(t.n_offsets >= min(t.pad + 1, p // 2) for t in tiles)))
     if not ok:
