@@ -20,6 +20,41 @@ factor <A A^H y, y> / ||A A^H y||^2; mapped to the prior domain, clamped to the 
 reference: FBP clamped to [0, 1]) and padded. All slices of a volume (and all samples of a pass) are one
 network batch (chunked by ``max_batch`` patches). Complex MR images are 2 channels (real, imag).
 
+Ablation variants (the paper's Table 2, rows other than "Whole image diffusion", which is ``dps``/``dds`` with
+a whole-image prior): ``mode`` picks how patch outputs become D (:data:`~medrecon.diffusion.patches.PATCH_MODES`:
+``stitch`` = PaDIS; ``average`` = "Patch Averaging", reference ``denoisedOverlap``; ``tile`` = "Patch
+Stitching", reference ``denoisedTile``; both on a fixed grid with ``patch_overlap`` pixels between neighbours,
+reference 8), and ``sampler`` picks the sampling algorithm around D (reference ``inverse_nodist.py``):
+
+* ``dps`` (default): steps 1-3 above.
+* ``langevin`` ("Langevin dynamics", reference ``langevin``): x starts as sigma_max * N(0, I) on the whole
+  padded canvas (the FBP is not used); per level, ``inner`` (10) times: s = (D(x, sigma_i) - x) / sigma_i^2;
+  data step at x itself, x <- x + zeta min(40, 200 sigma_i) A^T r / ||r|| with r = y - A crop(x) (no
+  network in the gradient); x <- x + (alpha/2) s + sqrt(alpha) z with alpha = ``langevin`` sigma_i^2
+  (reference 1.0); no noise at the last level.
+* ``pc`` ("Predictor-corrector", Song et al. 2021, reference ``pc_sampling``): x starts as sigma_max * N(0, I)
+  on the image, the ring at the background; for i < S - 1 (S - 1 levels, so the output is at noise level
+  sigma_min): predictor x <- x + (sigma_i^2 - sigma_{i+1}^2) s + sqrt(sigma_i^2 - sigma_{i+1}^2) z with s at
+  sigma_i; data step x + zeta A^T r / ||r||; then ``inner`` (1) corrector steps: s = (D(x, sigma_i) - x) /
+  sigma_{i+1}^2, eps = 2 snr ||z|| / ||s|| (snr 0.16), x <- x + eps s + sqrt(2 eps) z, and a data step
+  x + zeta min(40, 200 sigma_i) A^T r / ||r||. ``corrector: song`` is Song et al.'s Algorithm 2 instead:
+  D at sigma_{i+1} and eps = 2 (snr ||z|| / ||s||)^2 (the reference's mixes two levels and lacks the square;
+  measured on an exact Gaussian prior: variance 0.87 of the target vs 1.04 for ``song``).
+* ``ddnm`` ("VE-DDNM", reference ``langevin(ddnm=True)``): as ``langevin`` without its data step, the score
+  taken towards the range-null-space estimate x0 = A^+ y + (I - A^+ A) D = D + A^+ (y - A D).
+
+Ablation departures, on purpose:
+* ``average``/``tile`` grids start at the image's first pixel (the reference's ``denoisedTile`` starts at
+  padded pixel 4) and must stay inside the padded image; see :func:`~medrecon.diffusion.patches.mode_tiling`.
+* VE-DDNM's A^+ is the least-squares pseudo-inverse by ``pinv_iters`` (20) CG iterations on the normal
+  equations from 0 (the min-norm solution as it converges); the reference uses its FBP as "A^+" for CT.
+* ``langevin``/``pc`` ||z|| and ||s|| (and ||r||) are per batch element: one 2D slice (``padis``) or one volume
+  (``padis3d``) of one sample, as the reference's per-image norms.
+* ``guidance: landweber`` applies to the data steps of ``langevin``/``pc`` too: x - (zeta / L) grad 1/2 ||r||^2,
+  without the min(40, 200 sigma) factor (a dimensionless step needs none).
+* ``inner: null`` and ``langevin: null`` mean each sampler's reference value (10 and 0.5 for ``dps``, 10 and
+  1.0 for ``langevin``/``ddnm``, 1 corrector step for ``pc``).
+
 ``padis3d`` (beyond the paper): the same sampler with d x P x P slab patches and 3 coordinate channels
 (z, y, x) through a 2D network that takes the d slices as channels (see :mod:`medrecon.diffusion.patches`),
 so the prior couples neighbouring slices; the volume is padded in z too.

@@ -281,3 +281,25 @@ def test_bad_variant_names_are_one_clear_error():
             METHODS["padis"](prob, {key: bad, "patch_size": 4}, prior)
     with pytest.raises(ConfigError, match="steps >= 2"):
         METHODS["padis"](prob, {"sampler": "pc", "steps": 1, "patch_size": 4}, prior)
+
+
+def test_quality_benchmark_rows_map_to_padis_params():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_bench", path)
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    args = q.parse_args(["--methods", "padis", "padis[pc]", "--mr-methods", "padis[langevin]", "--padis-ablation"])
+    q.check_methods(args)                                   # ablation rows are accepted names
+    assert q.row_method("padis[tile]") == "padis" and q.row_method("dds") == "dds"
+    p = q.row_params("padis[pc]", "padis", {"padis": {"steps": 7}, "padis[pc]": {"snr": 0.1}})
+    assert p["sampler"] == "pc" and p["steps"] == 7 and p["snr"] == 0.1 and p["guidance"] == "landweber"
+    assert q.row_params("padis", "padis", {"padis[pc]": {"snr": 0.1}}) == q.SAMPLER_PARAMS["padis"]
+    from medrecon.recon.registry import validate_params
+    for row, (method, _) in q.PADIS_ABLATION.items():      # every row's params are valid padis params
+        validate_params(method, q.row_params(row, method, {}))
+        assert q.PRIOR_OF["CT"][row] == "patch" and q.PRIOR_OF["MR"][row] == "mr_patch"
+    with pytest.raises(ConfigError, match="unknown method"):
+        q.check_methods(q.parse_args(["--methods", "padis[foo]"]))
