@@ -278,16 +278,17 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
     def noise(like: torch.Tensor) -> torch.Tensor:
         return torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like.device, dt)
 
-    def dc_step(x: torch.Tensor, n: int, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def dc_step(x: torch.Tensor, n: int, factor: float) -> torch.Tensor:
         """Data step at x itself (Langevin / predictor-corrector): the reference's x + zeta factor A^T r / ||r||
-        = x - zeta factor grad ||y - A crop(x)||, or with ``landweber`` x - (zeta / L) grad 1/2 ||r||^2."""
+        = x - zeta factor grad ||y - A crop(x)|| (autograd through the operator only, no network), or with
+        ``landweber`` x - (zeta / L) grad 1/2 ||r||^2."""
+        if zeta == 0:
+            return x
         xg = x.detach().requires_grad_(True)
         nrm = lay.residual_norms(lay.image(to_batch(xg), n))
-        if zeta == 0:
-            return x, nrm.detach()
         loss = nrm.pow(2).sum() / 2 if landweber else nrm.sum()
         (grad,) = torch.autograd.grad(loss, xg)
-        return (x - (1.0 if landweber else factor) * zeta * grad).detach(), nrm.detach()
+        return (x - (1.0 if landweber else factor) * zeta * grad).detach()
 
     def per_item_norm(v: torch.Tensor) -> torch.Tensor:
         """||v|| per batch element (one 2D image / one volume of one sample), broadcastable against v."""
@@ -312,11 +313,11 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
     for n in chunks:
         if sampler == "dps":
             x = to_state(z0.expand(n, *z0.shape).contiguous(), n)
-        else:   # the reference's langevin / pc start from noise at sigma_max (and ignore the FBP)
+        else:   # the reference's langevin / pc start from noise at sigma_max around its background 0 (no FBP)
             img_shape = (n, *lay.lead, prior.channels, *shape[-2:])
-            blank = to_state(torch.zeros(img_shape, dtype=dt, device=lay.y.device), n)
-            x = float(sig[0]) * noise(blank)
-            if sampler == "pc":   # reference: noise on the image, the padding ring at the background
+            blank = to_state(torch.full(img_shape, pad_value, dtype=dt, device=lay.y.device), n)
+            x = blank + float(sig[0]) * noise(blank)
+            if sampler == "pc":   # reference: noise on the image only, the padding ring at the background
                 x = torch.where(ring_mask(blank.shape[2:], pads, blank.device), blank, x)
         norms = None
         for i in range(levels):
@@ -346,12 +347,11 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
                         target = ddnm_x0(d, n) if sampler == "ddnm" else d
                         s = (target - x) / sigma**2
                     if sampler == "langevin":
-                        x, norms = dc_step(x, n, min(40.0, 200.0 * sigma))
+                        x = dc_step(x, n, min(40.0, 200.0 * sigma))
                     with torch.no_grad():
                         x = x + (alpha / 2) * s
                         if i < len(sig) - 1:
                             x = x + math.sqrt(alpha) * noise(x)
-                d_last = d
             else:   # predictor-corrector
                 s_next = sig[i + 1]
                 with torch.no_grad():
@@ -359,7 +359,7 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
                     s = (d - x) / sigma**2
                     step = sigma**2 - s_next**2
                     x = x + step * s + math.sqrt(step) * noise(x)                   # predictor (reverse VE SDE)
-                x, norms = dc_step(x, n, 1.0)
+                x = dc_step(x, n, 1.0)
                 for _ in range(inner):                                              # corrector (Langevin)
                     with torch.no_grad():
                         z = noise(x)
@@ -368,15 +368,14 @@ def _sample(problem: ReconProblem, params: dict, prior: Prior, generator: torch.
                         ratio = float(p["snr"]) * per_item_norm(z) / per_item_norm(s).clamp_min(1e-30)
                         eps = 2 * ratio if p["corrector"] == "reference" else 2 * ratio**2
                         x = x + eps * s + (2 * eps).sqrt() * z
-                    x, norms = dc_step(x, n, min(40.0, 200.0 * sigma))
-                d_last = d
+                    x = dc_step(x, n, min(40.0, 200.0 * sigma))
             if report:
-                report(lay.image(to_batch(d if sampler == "dps" else d_last), n).detach(), sigma=float(sigma))
+                report(lay.image(to_batch(d), n).detach(), sigma=float(sigma))
         x = x.detach()
         outs.append(lay.image(to_batch(x), n))
-        if norms is None or sampler != "dps":
+        if sampler != "dps":   # the dps loop already has the residual of its last denoised image
             with torch.no_grad():
-                norms = lay.residual_norms(lay.image(to_batch(d_last), n))
+                norms = lay.residual_norms(lay.image(to_batch(d), n))
         last.append(norms.detach().reshape(-1))
     samples = torch.cat(outs)
     with torch.no_grad():

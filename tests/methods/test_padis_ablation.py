@@ -254,7 +254,8 @@ def test_every_variant_runs_on_odd_ct_and_is_deterministic(sampler, mode, guidan
     assert a.info["params"]["sampler"] == sampler and a.info["params"]["mode"] == mode
 
 
-@pytest.mark.parametrize("sampler,mode", [("langevin", "tile"), ("pc", "stitch"), ("dps", "average")])
+@pytest.mark.parametrize("sampler,mode", [("langevin", "tile"), ("pc", "stitch"), ("dps", "average"),
+                                          ("ddnm", "stitch")])
 def test_variants_on_complex_mri_and_3d_slabs(sampler, mode):
     h, w = 21, 23
     op = Sense2D(birdcage_coils(4, (h, w)), cartesian_mask_1d((h, w), 2.0, acs_lines=4, seed=0))
