@@ -304,3 +304,21 @@ def test_quality_benchmark_rows_map_to_padis_params():
         assert q.PRIOR_OF["CT"][row] == "patch" and q.PRIOR_OF["MR"][row] == "mr_patch"
     with pytest.raises(ConfigError, match="unknown method"):
         q.check_methods(q.parse_args(["--methods", "padis[foo]"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler,mode", [("langevin", "tile"), ("pc", "average"), ("ddnm", "stitch")])
+def test_variants_on_cuda_match_cpu(sampler, mode):
+    n, pad = 12, 3
+    maps, mask = birdcage_coils(4, (n, n)), cartesian_mask_1d((n, n), 2.0, acs_lines=4, seed=0)
+    x_true = torch.complex(torch.randn(2, n, n, generator=torch.Generator().manual_seed(0)),
+                           torch.zeros(2, n, n)).to(torch.complex64)
+    prior = Prior(denoiser=AnalyticPatchNet(2), channels=2, meta={"patch": _geom(pad, [8], channels=2)})
+    params = {"steps": 5, "inner": 2, "sigma_max": 1.0, "zeta": 0.5, "patch_size": 4, "dtype": "float64",
+              "sampler": sampler, "mode": mode, "patch_overlap": 2, "pinv_iters": 5}
+    out = []
+    for dev in ("cpu", "cuda"):
+        op = Sense2D(maps, mask, device=dev)
+        prob = ReconProblem(y=op.forward(x_true.to(dev)), operator=op, modality="MR", image_shape=(2, n, n))
+        out.append(METHODS["padis"](prob, params, prior, torch.Generator().manual_seed(0)).samples.cpu())
+    assert torch.allclose(out[0], out[1], atol=1e-4)
