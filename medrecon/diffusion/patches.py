@@ -275,7 +275,7 @@ def mode_tiling(length: int, pad: int, size: int, mode: str, overlap: int = 8) -
     stride = mode_stride(mode, size, overlap)
     if mode not in FIXED_GRID_MODES:
         return axis_tiling(length, pad, size, stride)
-    if size < 1:
+    if size < 1 or overlap >= size:
         return None
     k = max(1, math.ceil((length - size) / stride) + 1)
     extent = (k - 1) * stride + size
@@ -324,12 +324,21 @@ class PatchDenoiser(Denoiser):
     def tilings(self, spatial: Sequence[int]) -> list[AxisTiling]:
         """Per-axis grids for a padded spatial shape (ConfigError naming valid patch sizes if none exists)."""
         out = []
+        nd = len(self.patch_shape)
         for a, (r, p, size) in enumerate(zip(spatial, self.pad, self.patch_shape, strict=True)):
             length = r - 2 * p
-            t = mode_tiling(length, p, size, self.mode, self.overlap)
+            overlap = self.overlap
+            if self.mode in FIXED_GRID_MODES and overlap >= size:
+                if a < nd - 2:   # slab depth d <= overlap: slabs at every slice (stride 1)
+                    overlap = size - 1
+                else:
+                    raise ConfigError(f"patch_overlap {overlap} must be smaller than the patch size {size} (mode "
+                                      f"{self.mode!r} steps the grid by size - overlap)",
+                                      fix=f"set patch_overlap below {size} (the reference: 8 for 56-pixel patches)")
+            t = mode_tiling(length, p, size, self.mode, overlap)
             if t is None:
                 ok = [q for q in range(1, length + 2 * p + 1)
-                      if mode_tiling(length, p, q, self.mode, self.overlap) is not None]
+                      if mode_tiling(length, p, q, self.mode, overlap) is not None]
                 raise ConfigError(
                     f"no patch grid of size {size} fits axis {a} (image {length}, padding {p}): the grid must "
                     f"cover the image and stay inside the padded image", fix=f"use a patch size in {ok[-8:]}")

@@ -309,6 +309,8 @@ def test_bad_variant_names_are_one_clear_error():
                            ("corrector", "x", "corrector must be"), ("patch_overlap", -1, "patch_overlap >= 0")]:
         with pytest.raises(ConfigError, match=word):
             METHODS["padis"](prob, {key: bad, "patch_size": 4}, prior)
+    with pytest.raises(ConfigError, match="patch_overlap 4 must be smaller than the patch size 4"):
+        METHODS["padis"](prob, {"mode": "tile", "patch_overlap": 4, "patch_size": 4}, prior)
     with pytest.raises(ConfigError, match="steps >= 2"):
         METHODS["padis"](prob, {"sampler": "pc", "steps": 1, "patch_size": 4}, prior)
 
