@@ -283,7 +283,6 @@ def mode_tiling(length: int, pad: int, size: int, mode: str, overlap: int = 8) -
     return AxisTiling(length, pad, size, stride, k, origin, origin) if origin >= 0 else None
 
 
-
 class PatchDenoiser(Denoiser):
     """Whole-image denoiser of a padded image from a patch denoiser ``inner(x, sigma, {"coords": c})``.
 

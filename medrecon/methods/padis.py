@@ -27,21 +27,21 @@ Stitching", reference ``denoisedTile``; both on a fixed grid with ``patch_overla
 reference 8), and ``sampler`` picks the sampling algorithm around D (reference ``inverse_nodist.py``):
 
 * ``dps`` (default): steps 1-3 above.
-* ``langevin`` ("Langevin dynamics", reference ``langevin``): x starts as sigma_max * N(0, I) on the whole
-  padded canvas (the FBP is not used); per level, ``inner`` (10) times: s = (D(x, sigma_i) - x) / sigma_i^2;
-  data step at x itself, x <- x + zeta min(40, 200 sigma_i) A^T r / ||r|| with r = y - A crop(x) (no
-  network in the gradient); x <- x + (alpha/2) s + sqrt(alpha) z with alpha = ``langevin`` sigma_i^2
-  (reference 1.0); no noise at the last level.
-* ``pc`` ("Predictor-corrector", Song et al. 2021, reference ``pc_sampling``): x starts as sigma_max * N(0, I)
-  on the image, the ring at the background; for i < S - 1 (S - 1 levels, so the output is at noise level
-  sigma_min): predictor x <- x + (sigma_i^2 - sigma_{i+1}^2) s + sqrt(sigma_i^2 - sigma_{i+1}^2) z with s at
-  sigma_i; data step x + zeta A^T r / ||r||; then ``inner`` (1) corrector steps: s = (D(x, sigma_i) - x) /
-  sigma_{i+1}^2, eps = 2 snr ||z|| / ||s|| (snr 0.16), x <- x + eps s + sqrt(2 eps) z, and a data step
-  x + zeta min(40, 200 sigma_i) A^T r / ||r||. ``corrector: song`` is Song et al.'s Algorithm 2 instead:
-  D at sigma_{i+1} and eps = 2 (snr ||z|| / ||s||)^2 (the reference's mixes two levels and lacks the square;
-  measured on an exact Gaussian prior: variance 0.87 of the target vs 1.04 for ``song``).
-* ``ddnm`` ("VE-DDNM", reference ``langevin(ddnm=True)``): as ``langevin`` without its data step, the score
-  taken towards the range-null-space estimate x0 = A^+ y + (I - A^+ A) D = D + A^+ (y - A D).
+* ``langevin`` ("Langevin dynamics", reference ``langevin``): x starts as the background + sigma_max N(0, I)
+  on the whole padded canvas (the reference's background is 0; the FBP is not used); per level, ``inner``
+  (10) times: s = (D(x, sigma_i) - x) / sigma_i^2; data step at x itself, x <- x + zeta min(40, 200 sigma_i)
+  A^T r / ||r|| with r = y - A crop(x) (no network in the gradient); x <- x + (alpha/2) s + sqrt(alpha) z
+  with alpha = ``langevin`` sigma_i^2 (reference 1.0); no noise at the last level.
+* ``pc`` ("Predictor-corrector", Song et al. 2021, reference ``pc_sampling``): x starts as the background +
+  sigma_max N(0, I) on the image, the ring at the background; for i < S - 1 (S - 1 levels, so the output is
+  at noise level sigma_min): predictor x <- x + (sigma_i^2 - sigma_{i+1}^2) s + sqrt(sigma_i^2 -
+  sigma_{i+1}^2) z with s at sigma_i; data step x + zeta A^T r / ||r||; then ``inner`` (1) corrector steps:
+  s = (D(x, sigma_i) - x) / sigma_{i+1}^2, eps = 2 snr ||z|| / ||s|| (snr 0.16), x <- x + eps s +
+  sqrt(2 eps) z, and a data step x + zeta min(40, 200 sigma_i) A^T r / ||r||. ``corrector: song`` is Song et
+  al.'s Algorithm 2 instead: D at sigma_{i+1} and eps = 2 (snr ||z|| / ||s||)^2 (the reference's mixes two
+  levels and lacks the square; measured on an exact Gaussian prior: variance 0.87 of the target vs 1.04).
+* ``ddnm`` ("VE-DDNM", reference ``langevin(ddnm=True)``): as ``langevin`` without its data step (``zeta``
+  unused), the score taken towards the range-null-space estimate x0 = A^+ y + (I - A^+ A) D = D + A^+ (y - A D).
 
 Ablation departures, on purpose:
 * ``average``/``tile`` grids start at the image's first pixel (the reference's ``denoisedTile`` starts at
