@@ -11,7 +11,10 @@ What it measures
        (ReSample / Latent-DPS: each of the two networks gets the budget), MR slice prior (MR DDS).
        ``--small-data`` also trains the slice and the patch prior on ONE volume (rows ``dds[1vol]`` and
        ``padis[1vol]``: the PaDIS claim that patch priors need less data). Checkpoints are cached in the
-       work dir, keyed by the budget, so re-runs skip training.
+       work dir, keyed by the budget, so re-runs skip training. ``--padis-ablation`` adds the PaDIS paper's
+       ablation rows (its Table 2) as rows ``padis[average]``, ``padis[tile]``, ``padis[langevin]``,
+       ``padis[pc]``, ``padis[ddnm]`` (the same patch prior; :data:`PADIS_ABLATION`); each may also be named
+       in ``--methods`` / ``--mr-methods``.
     3. Measurements with :func:`medrecon.measure.measure`: parallel-beam sparse-view CT at ``--views``
        (Poisson noise, I0 = 1e5 photons per ray), 8-coil Cartesian SENSE MRI at ``--mr-accel`` (SNR 30 dB).
     4. Each method reconstructs every held-out volume through :func:`medrecon.reconstruct.reconstruct` (the
@@ -65,14 +68,26 @@ CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionble
 MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps", "ddnm", "dcdp",
               "dcdp_latent", "pnp_admm", "pnp_red", "diffusionmbir"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
+# PaDIS ablation rows (the paper's Table 2; docs/algorithms.md section 5.1): row -> (method, params over
+# SAMPLER_PARAMS[method]). The noise-started samplers get the reference's sigma_max 10 and alpha = sigma^2;
+# 2 inner steps x 20 levels (pc: 19 levels x predictor + corrector) keep the 40-evaluation budget. Not tuned.
+PADIS_ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+    "padis[average]": ("padis", {"mode": "average"}),
+    "padis[tile]": ("padis", {"mode": "tile"}),
+    "padis[langevin]": ("padis", {"sampler": "langevin", "sigma_max": 10.0, "langevin": 1.0}),
+    "padis[pc]": ("padis", {"sampler": "pc", "sigma_max": 10.0, "inner": 1}),
+    "padis[ddnm]": ("padis", {"sampler": "ddnm", "sigma_max": 10.0, "langevin": 1.0}),
+}
 
 # Which trained prior each method needs, per modality (None: classical, no prior).
 PRIOR_OF = {
     "CT": {"dds": "slice", "dps": "slice", "diffusionblend": "slab", "diffusionblend++": "slab",
            "padis": "patch", "padis3d": "patch3d", "resample": "latent", "latent_dps": "latent",
-           "dds[1vol]": "slice_1vol", "padis[1vol]": "patch_1vol"},
+           "dds[1vol]": "slice_1vol", "padis[1vol]": "patch_1vol",
+           **{row: "patch" for row in PADIS_ABLATION}},
     "MR": {"dds": "mr_slice", "dps": "mr_slice", "padis": "mr_patch", "resample": "mr_latent",
-           "latent_dps": "mr_latent"},
+           "latent_dps": "mr_latent",
+           **{row: "mr_patch" for row in PADIS_ABLATION}},
 }
 PRIOR_OF["CT"].update({"ddnm": "slice", "mcg": "slice"})
 PRIOR_OF["MR"].update({"ddnm": "mr_slice", "mcg": "mr_slice"})
@@ -402,6 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-volumes", type=int, default=4)
     p.add_argument("--eval-volumes", type=int, default=2)
     p.add_argument("--small-data", action="store_true", help="also rows dds[1vol], padis[1vol]: priors on 1 volume")
+    p.add_argument("--padis-ablation", action="store_true",
+                   help="also the PaDIS ablation rows " + ", ".join(PADIS_ABLATION) + " (CT)")
     p.add_argument("--params", default="{}", help="JSON {method: {param: value}} over the sampler defaults")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (method, setting) subprocess")
     p.add_argument("--out", type=Path, default=HERE / "out" / "quality.json")
@@ -418,6 +435,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def row_method(row: str) -> str:
+    """The registered method behind a table row (ablation rows are parameter settings of one method)."""
+    return PADIS_ABLATION[row][0] if row in PADIS_ABLATION else row
+
+
+def row_params(row: str, method: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A row's sampler params: SAMPLER_PARAMS[method], then the row's ablation settings, then ``--params`` for
+    the method, then for the row itself (e.g. ``{"padis[pc]": {"snr": 0.1}}``)."""
+    extra = PADIS_ABLATION[row][1] if row in PADIS_ABLATION else {}
+    return {**SAMPLER_PARAMS.get(method, {}), **extra, **overrides.get(method, {}),
+            **(overrides.get(row, {}) if row != method else {})}
+
+
 def check_methods(args: argparse.Namespace) -> None:
     """Unknown method names stop the run before any training (one clear message)."""
     from medrecon.errors import ConfigError
@@ -425,9 +455,9 @@ def check_methods(args: argparse.Namespace) -> None:
 
     known = load_all()
     for name in [*args.methods, *args.mr_methods]:
-        if name not in known:
+        if name not in known and name not in PADIS_ABLATION:
             raise ConfigError(f"benchmarks/quality.py: unknown method {name!r}.",
-                              fix=f"use some of: {', '.join(sorted(known))}.")
+                              fix=f"use some of: {', '.join([*sorted(known), *PADIS_ABLATION])}.")
     for name in args.mr_methods:
         if name in known and name not in PRIOR_OF["MR"] and name not in ("zero_filled", "sense", "l1_wavelet",
                                                                         "tv"):
@@ -448,16 +478,17 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    ct_rows = {m: m for m in args.methods}
+    ct_rows = {m: row_method(m) for m in args.methods}
     if args.small_data:
         ct_rows.update({r: m for r, (m, _) in SMALL_DATA_METHODS.items()})
-    mr_rows = {m: m for m in args.mr_methods} if args.mr_accel else {}
+    if args.padis_ablation:
+        ct_rows.update({r: m for r, (m, _) in PADIS_ABLATION.items()})
+    mr_rows = {m: row_method(m) for m in args.mr_methods} if args.mr_accel else {}
     modalities = ["CT"] + (["MR"] if mr_rows else [])
     vols = {mod: make_volumes(work, mod, args.train_volumes, args.eval_volumes) for mod in modalities}
     needed = {prior_for("CT", r, v) for r in ct_rows for v in args.views if r in PRIOR_OF["CT"]}
     needed |= {prior_for("MR", r, a) for r in mr_rows for a in args.mr_accel or [] if r in PRIOR_OF["MR"]}
-    params = {m: {**SAMPLER_PARAMS.get(m, {}), **args.params.get(m, {})} for m in {*ct_rows.values(),
-                                                                                 *mr_rows.values()}}
+    params = {r: row_params(r, m, args.params) for r, m in {**ct_rows, **mr_rows}.items()}
     result: dict[str, Any] = {
         "settings": {
             "budget_steps": args.budget_steps, "batch_size": 8, "views": args.views, "mr_accel": args.mr_accel,
@@ -489,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             prior_name = prior_for(modality, row, setting)
             prior = priors[prior_name]["path"] if prior_name else None
             _log(f"{name}: {row}")
-            docs = run_method(work, row, method, modality, setting, meas, prior, params[method], device,
+            docs = run_method(work, row, method, modality, setting, meas, prior, params[row], device,
                               args.timeout)
             result["runs"][name][row] = docs
             result["summary"][name][row] = summarise(docs)
