@@ -11,7 +11,10 @@ What it measures
        (ReSample / Latent-DPS: each of the two networks gets the budget), MR slice prior (MR DDS).
        ``--small-data`` also trains the slice and the patch prior on ONE volume (rows ``dds[1vol]`` and
        ``padis[1vol]``: the PaDIS claim that patch priors need less data). Checkpoints are cached in the
-       work dir, keyed by the budget, so re-runs skip training.
+       work dir, keyed by the budget, so re-runs skip training. ``--padis-ablation`` adds the PaDIS paper's
+       ablation rows (its Table 2) as rows ``padis[average]``, ``padis[tile]``, ``padis[langevin]``,
+       ``padis[pc]``, ``padis[ddnm]`` (the same patch prior; :data:`PADIS_ABLATION`); each may also be named
+       in ``--methods`` / ``--mr-methods``.
     3. Measurements with :func:`medrecon.measure.measure`: parallel-beam sparse-view CT at ``--views``
        (Poisson noise, I0 = 1e5 photons per ray), 8-coil Cartesian SENSE MRI at ``--mr-accel`` (SNR 30 dB).
     4. Each method reconstructs every held-out volume through :func:`medrecon.reconstruct.reconstruct` (the
@@ -59,28 +62,59 @@ CT_SPACING = (5.0, 5.0, 5.0)
 MR_SPACING = (5.0, 3.5, 3.5)
 SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
 CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
-              "resample", "latent_dps", "ddnm", "mcg", "dcdp", "dcdp_latent"]
+              "resample", "latent_dps", "ddnm", "mcg", "dcdp", "dcdp_latent",
+              "pnp_admm", "pnp_red", "diffusionmbir"]
 # mcg, like dps, only on request (--mr-methods mcg): autograd through the network
 MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps", "ddnm", "dcdp",
-              "dcdp_latent"]
+              "dcdp_latent", "pnp_admm", "pnp_red", "diffusionmbir"]
 # ddrm: CT only (8-coil 64^2 SENSE is 65536 x 8192 real, far over ddrm's dense-SVD limit); tilted: MR only (the CT
 # measurements record no noise std, and at I0 = 1e5 sigma* = sigma_y / ||A|| is below the schedule's smallest sigma)
 CT_METHODS += ["ddrm"]
 MR_METHODS += ["tilted"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
+# PaDIS ablation rows (the paper's Table 2; docs/algorithms.md section 5.1): row -> (method, params over
+# SAMPLER_PARAMS[method]). The noise-started samplers get the reference's sigma_max 10 and alpha = sigma^2;
+# 2 inner steps x 20 levels (pc: 19 levels x predictor + corrector) keep the 40-evaluation budget. Not tuned.
+PADIS_ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+    "padis[average]": ("padis", {"mode": "average"}),
+    "padis[tile]": ("padis", {"mode": "tile"}),
+    "padis[langevin]": ("padis", {"sampler": "langevin", "sigma_max": 10.0, "langevin": 1.0}),
+    "padis[pc]": ("padis", {"sampler": "pc", "sigma_max": 10.0, "inner": 1}),
+    "padis[ddnm]": ("padis", {"sampler": "ddnm", "sigma_max": 10.0, "langevin": 1.0}),
+}
 
 # Which trained prior each method needs, per modality (None: classical, no prior).
 PRIOR_OF = {
     "CT": {"dds": "slice", "dps": "slice", "diffusionblend": "slab", "diffusionblend++": "slab",
            "padis": "patch", "padis3d": "patch3d", "resample": "latent", "latent_dps": "latent",
-           "dds[1vol]": "slice_1vol", "padis[1vol]": "patch_1vol"},
+           "dds[1vol]": "slice_1vol", "padis[1vol]": "patch_1vol",
+           **{row: "patch" for row in PADIS_ABLATION}},
     "MR": {"dds": "mr_slice", "dps": "mr_slice", "padis": "mr_patch", "resample": "mr_latent",
-           "latent_dps": "mr_latent"},
+           "latent_dps": "mr_latent",
+           **{row: "mr_patch" for row in PADIS_ABLATION}},
 }
 PRIOR_OF["CT"].update({"ddnm": "slice", "mcg": "slice"})
 PRIOR_OF["MR"].update({"ddnm": "mr_slice", "mcg": "mr_slice"})
 PRIOR_OF["CT"].update({"dcdp": "slice", "dcdp_latent": "latent"})
 PRIOR_OF["MR"].update({"dcdp": "mr_slice", "dcdp_latent": "mr_latent"})
+PRIOR_OF["CT"].update({"pnp_admm": "slice", "pnp_red": "slice"})
+PRIOR_OF["MR"].update({"pnp_admm": "mr_slice", "pnp_red": "mr_slice"})
+PRIOR_OF["CT"].update({"diffusionmbir": "slice"})
+PRIOR_OF["MR"].update({"diffusionmbir": "mr_slice"})
+
+# fbp_unet (FBPConvNet, supervised): one network per acquisition, so its prior is trained per CT setting, for that
+# setting's measure.ct (prior names supervised_v8, supervised_v20, ...: prior_for). Measured (defaults, CPU, 240 s of
+# training per setting): axial PSNR 8 views fbp 17.41 -> fbp_unet 21.24 dB, 20 views 22.08 -> 23.55 dB.
+CT_METHODS.append("fbp_unet")
+PRIOR_OF["CT"]["fbp_unet"] = "supervised"
+PER_SETTING_PRIORS = {"supervised"}
+
+
+def prior_for(modality: str, row: str, setting: float) -> str | None:
+    """The prior a row needs in a setting: PRIOR_OF's, with the view count for per-acquisition priors."""
+    name = PRIOR_OF[modality].get(row)
+    return f"{name}_v{int(setting)}" if name in PER_SETTING_PRIORS else name
+
 PRIOR_OF["CT"]["ddrm"] = "slice"
 PRIOR_OF["MR"]["tilted"] = "mr_slice"
 
@@ -112,7 +146,14 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     # dcdp_latent 23.5 (the demo autoencoder's ceiling: nothing above ~270 HU).
     "dcdp": {"steps": 10, "t_start": 400, "ddim_steps": 10, "dc_iter": 10},
     "dcdp_latent": {"steps": 10, "t_start": 400, "ddim_steps": 10, "dc_iter": 10},
+    # PnP: optimisers, 30 / 50 network evaluations (the registered defaults); see medrecon/methods/pnp.py
+    "pnp_admm": {"iterations": 30},
+    "pnp_red": {"iterations": 50},
 }
+# DiffusionMBIR: 100 predictor-corrector steps (200 NFE; the reference: 2000 steps, 4000 NFE, 1 CG step each).
+# Measured on an 8 x 64 x 64 chest phantom, 20 views, demo prior data/priors/ct_slice.pt (PSNR): 1 CG step
+# 21.3 dB at 100 steps, 23.8 at 300; 5 CG steps 27.7 at 100 steps (FBP 21.8, DDS z-TV 50 steps 24.8).
+SAMPLER_PARAMS["diffusionmbir"] = {"steps": 100, "cg_iter": 5}
 # DDRM: the reference's 20 steps; sigma_y is the post-log Poisson std 1 / sqrt(I0 exp(-p)) at I0 = 1e5 for line
 # integrals p ~ 1-3 (0.005-0.014; the CT measurement records no std). Not yet run on this benchmark.
 SAMPLER_PARAMS["ddrm"] = {"steps": 20, "sigma_y": 0.005}
@@ -190,7 +231,19 @@ def train_configs(steps: int, device: str) -> dict[str, dict[str, Any]]:
         "mr_autoencoder": {**base, "kind": "autoencoder", "modality": "MR", "lr": 1e-4,
                            "network": {"in_channels": 2}, "random_phase": True},
         "mr_latent": {**base, "kind": "latent", "modality": "MR"},
+        # FBPConvNet, narrower than the paper's 64..1024 for CPU; measure: per setting (training_config)
+        "supervised": {**{k: v for k, v in base.items() if k != "image_size"}, "kind": "supervised",
+                       "modality": "CT", "lr": 1e-3, "network": {"features": [16, 32, 64, 128, 256, 16]}},
     }
+
+
+def training_config(cfgs: dict[str, dict[str, Any]], name: str, device: str) -> dict[str, Any]:
+    """The training config of prior ``name``: train_configs' entry; a per-setting prior (``supervised_v8``) gets
+    its setting's CT acquisition (the measure.ct the benchmark measures with)."""
+    base, _, tag = name.rpartition("_v")
+    if base in PER_SETTING_PRIORS and tag.isdigit():
+        return {**cfgs[base], "measure": study_config("CT", int(tag), device)["measure"]["ct"]}
+    return cfgs[name]
 
 
 def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: dict[str, dict[str, list[Path]]]
@@ -226,9 +279,9 @@ def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: di
             cfg = {"autoencoder": cfgs[pre + "autoencoder"], "latent": cfgs[pre + "latent"]}
             out = [ae, lat]  # reconstruct takes the two checkpoints in this order
         else:
-            out = pdir / f"{name}_{_digest(cfgs[base])}.pt"
+            cfg = training_config(cfgs, base, device)
+            out = pdir / f"{name}_{_digest(cfg)}.pt"
             cached = out.exists()
-            cfg = cfgs[base]
             if not cached:
                 _log(f"training prior {name} ({steps} steps) on {len(train_vols)} volume(s)")
                 train_prior(copy.deepcopy(cfg), train_vols, out)
@@ -375,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-volumes", type=int, default=4)
     p.add_argument("--eval-volumes", type=int, default=2)
     p.add_argument("--small-data", action="store_true", help="also rows dds[1vol], padis[1vol]: priors on 1 volume")
+    p.add_argument("--padis-ablation", action="store_true",
+                   help="also the PaDIS ablation rows " + ", ".join(PADIS_ABLATION) + " (CT)")
     p.add_argument("--params", default="{}", help="JSON {method: {param: value}} over the sampler defaults")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (method, setting) subprocess")
     p.add_argument("--out", type=Path, default=HERE / "out" / "quality.json")
@@ -391,6 +446,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def row_method(row: str) -> str:
+    """The registered method behind a table row (ablation rows are parameter settings of one method)."""
+    return PADIS_ABLATION[row][0] if row in PADIS_ABLATION else row
+
+
+def row_params(row: str, method: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A row's sampler params: SAMPLER_PARAMS[method], then the row's ablation settings, then ``--params`` for
+    the method, then for the row itself (e.g. ``{"padis[pc]": {"snr": 0.1}}``)."""
+    extra = PADIS_ABLATION[row][1] if row in PADIS_ABLATION else {}
+    return {**SAMPLER_PARAMS.get(method, {}), **extra, **overrides.get(method, {}),
+            **(overrides.get(row, {}) if row != method else {})}
+
+
 def check_methods(args: argparse.Namespace) -> None:
     """Unknown method names stop the run before any training (one clear message)."""
     from medrecon.errors import ConfigError
@@ -398,9 +466,9 @@ def check_methods(args: argparse.Namespace) -> None:
 
     known = load_all()
     for name in [*args.methods, *args.mr_methods]:
-        if name not in known:
+        if name not in known and name not in PADIS_ABLATION:
             raise ConfigError(f"benchmarks/quality.py: unknown method {name!r}.",
-                              fix=f"use some of: {', '.join(sorted(known))}.")
+                              fix=f"use some of: {', '.join([*sorted(known), *PADIS_ABLATION])}.")
     for name in args.mr_methods:
         if name in known and name not in PRIOR_OF["MR"] and name not in ("zero_filled", "sense", "l1_wavelet",
                                                                         "tv"):
@@ -421,16 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    ct_rows = {m: m for m in args.methods}
+    ct_rows = {m: row_method(m) for m in args.methods}
     if args.small_data:
         ct_rows.update({r: m for r, (m, _) in SMALL_DATA_METHODS.items()})
-    mr_rows = {m: m for m in args.mr_methods} if args.mr_accel else {}
+    if args.padis_ablation:
+        ct_rows.update({r: m for r, (m, _) in PADIS_ABLATION.items()})
+    mr_rows = {m: row_method(m) for m in args.mr_methods} if args.mr_accel else {}
     modalities = ["CT"] + (["MR"] if mr_rows else [])
     vols = {mod: make_volumes(work, mod, args.train_volumes, args.eval_volumes) for mod in modalities}
-    needed = {PRIOR_OF["CT"][r] for r in ct_rows if r in PRIOR_OF["CT"]}
-    needed |= {PRIOR_OF["MR"][r] for r in mr_rows if r in PRIOR_OF["MR"]}
-    params = {m: {**SAMPLER_PARAMS.get(m, {}), **args.params.get(m, {})} for m in {*ct_rows.values(),
-                                                                                 *mr_rows.values()}}
+    needed = {prior_for("CT", r, v) for r in ct_rows for v in args.views if r in PRIOR_OF["CT"]}
+    needed |= {prior_for("MR", r, a) for r in mr_rows for a in args.mr_accel or [] if r in PRIOR_OF["MR"]}
+    params = {r: row_params(r, m, args.params) for r, m in {**ct_rows, **mr_rows}.items()}
     result: dict[str, Any] = {
         "settings": {
             "budget_steps": args.budget_steps, "batch_size": 8, "views": args.views, "mr_accel": args.mr_accel,
@@ -459,10 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         meas = measure_all(work, modality, setting, vols[modality]["eval"], device)
         result["summary"][name], result["runs"][name] = {}, {}
         for row, method in rows.items():
-            prior_name = PRIOR_OF[modality].get(row)
+            prior_name = prior_for(modality, row, setting)
             prior = priors[prior_name]["path"] if prior_name else None
             _log(f"{name}: {row}")
-            docs = run_method(work, row, method, modality, setting, meas, prior, params[method], device,
+            docs = run_method(work, row, method, modality, setting, meas, prior, params[row], device,
                               args.timeout)
             result["runs"][name][row] = docs
             result["summary"][name][row] = summarise(docs)

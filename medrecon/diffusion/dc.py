@@ -160,12 +160,14 @@ class ZTVState:
 @torch.no_grad()
 def ztv_admm_step(op: LinearOperator, y: torch.Tensor | None, x0: torch.Tensor, state: ZTVState, rho: float,
                   lam: float, n_cg: int = 5, axis: int = -3, n_batch: int = 0, tol: float = 1e-6,
-                  aty: torch.Tensor | None = None) -> torch.Tensor:
+                  aty: torch.Tensor | None = None, prox: float = 0.0) -> torch.Tensor:
     """One ADMM iteration for min_x 1/2 ||A x - y||^2 + lam ||D_z x||_1 (DDS ``solver_3d.py``).
 
     x-update: ``n_cg`` CG steps from x0 on ``(A^H A + rho D_z^T D_z) x = A^H y + rho D_z^T (z - u)``;
     then ``z = soft(D_z x + u, lam / rho)`` and ``u += D_z x - z``. ``state`` is updated in place and
     carries (z, u) to the next diffusion step; it starts at zero. ``axis`` is the slice axis of x.
+    ``prox`` > 0 adds ``prox/2 ||x - x0||^2`` to the objective (``+ prox I`` left, ``+ prox x0`` right): the
+    noise-aware data consistency of DiffusionMBIR (:mod:`medrecon.methods.diffusionmbir`); 0 is DDS's step.
     """
     if aty is None:
         aty = op.adjoint(y)
@@ -174,9 +176,12 @@ def ztv_admm_step(op: LinearOperator, y: torch.Tensor | None, x0: torch.Tensor, 
         state.u = torch.zeros_like(x0)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return op.normal(x) + rho * diff_z_adjoint(diff_z(x, axis), axis)
+        out = op.normal(x) + rho * diff_z_adjoint(diff_z(x, axis), axis)
+        return out + prox * x if prox else out
 
     rhs = aty + rho * diff_z_adjoint(state.z - state.u, axis)
+    if prox:
+        rhs = rhs + prox * x0
     x = cg(apply, rhs, x0, n_cg, tol, n_batch)
     dx = diff_z(x, axis)
     state.z = soft_threshold(dx + state.u, lam / rho)

@@ -1,7 +1,7 @@
 """DDRM: Denoising Diffusion Restoration Models (Kawar, Elad, Ermon, Song, NeurIPS 2022).
 
 Follows ``bahjat-kawar/ddrm@32b6b3c`` (``functions/denoising.py:efficient_generalized_steps``,
-``functions/svd_replacement.py:GeneralH``; summary and measured numbers in ``docs/algorithms.md`` section 11).
+``functions/svd_replacement.py:GeneralH``; summary and measured numbers in ``docs/algorithms.md`` section 13).
 DDRM needs the SVD ``A = U S V^T`` of the operator; every update is per spectral coordinate of the VE state
 ``x = x0 + sigma n`` (``ybar_i = (U^T y)_i / s_i``, noise std ``sigma_y / s_i``):
 

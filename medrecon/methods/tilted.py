@@ -1,7 +1,7 @@
 """Tilted transport: posterior sampling with a denoising oracle (Bruna & Han, NeurIPS 2024, arXiv 2407.00745).
 
 No public reference code exists; this follows the paper's talk and our derivation of its VE form (summary and
-measured numbers: ``docs/algorithms.md`` section 12). For y = A x0 + n, n ~ N(0, sigma_y^2 I),
+measured numbers: ``docs/algorithms.md`` section 14). For y = A x0 + n, n ~ N(0, sigma_y^2 I),
 the *tilted* distribution at VE noise level sigma,
 
     nu_sigma(x) ~ p_sigma(x) exp(-1/2 (A x - y)^T (sigma_y^2 I - sigma^2 A A^T)^-1 (A x - y)),
