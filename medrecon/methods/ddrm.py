@@ -59,7 +59,7 @@ import torch
 
 from medrecon.diffusion.denoiser import Prior
 from medrecon.errors import ConfigError
-from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.physics.operator import LinearOperator
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
@@ -291,7 +291,7 @@ def clear_svd_cache() -> None:
 
 
 @register_method(
-    "ddrm", defaults=DDRM_DEFAULTS, prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    "ddrm", defaults=DDRM_DEFAULTS, prior="slice", loader=SLICE_PRIOR_LOADER,
     paper="Kawar, Elad, Ermon, Song: Denoising Diffusion Restoration Models, NeurIPS 2022",
     memory_copies=64)
 def ddrm(problem: ReconProblem, params: dict, prior: Prior,

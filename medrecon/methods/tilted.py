@@ -48,7 +48,7 @@ from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddpm_step
 from medrecon.errors import ConfigError
 from medrecon.methods.ddrm import UnitLayout, real_noise_std
-from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
@@ -147,7 +147,7 @@ def exact_tilted_draw(lay: SliceLayout, sigma: float, sigma_y: float, n: int,
 
 
 @register_method(
-    "tilted", defaults=TILTED_DEFAULTS, prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    "tilted", defaults=TILTED_DEFAULTS, prior="slice", loader=SLICE_PRIOR_LOADER,
     paper="Bruna, Han: Posterior Sampling with Denoising Oracles via Tilted Transport, NeurIPS 2024",
     memory_copies=64)
 def tilted(problem: ReconProblem, params: dict, prior: Prior,
