@@ -14,8 +14,8 @@ Per step i of a uniform DDIM grid (``steps``, default 50), as DDS (:mod:`medreco
 
 1. pick the prior: with ``turns: cyclic`` (the reference's integer K) the auxiliary prior takes the steps
    with ``i % K == K - 1`` and the primary prior the other K - 1 of every K; with ``turns: random`` (the
-   reference's float K) each step is auxiliary with probability 1/K (drawn from the sampler's generator
-   once per sample pass, before its initial noise);
+   reference's float K) each step is auxiliary with probability 1/K (drawn once per sample pass from a side
+   generator, :func:`side_generator`);
 2. x0_hat = D(x_t / sqrt(ab_t), sigma_t) with that prior (Tweedie): the primary one on the axial slices, the
    auxiliary one on the perpendicular planes of the volume (permuted, each plane on its own canvas);
 3. on primary steps, data consistency as DDS: ``cg_iter`` CG steps on ``(A^H A + lam I) x = A^H y + lam
@@ -40,8 +40,9 @@ Departures, on purpose:
   The state lives on the primary prior's canvases (as in DDS); for an auxiliary step its image part is
   re-viewed as perpendicular planes and put on the auxiliary prior's canvas, whose padded region (z beyond
   the volume, and x or y to the network's multiple) is filled with *fresh* noisy background
-  ``sqrt(ab) b + sqrt(1-ab) n`` (n drawn from the generator): in distribution the same as the persistent
-  noisy background the primary canvas keeps, and never seen by the output (the estimate there is b). The
+  ``sqrt(ab) b + sqrt(1-ab) n``: in distribution the same as the persistent noisy background the primary
+  canvas keeps, and never seen by the output (the estimate there is b). n, like the random turns, comes from
+  a side generator seeded from the sampler's seed, so the chain's own noise is DDS's draw for draw. The
   auxiliary estimate comes back to the primary canvas padded with the background, so the DDIM update keeps
   the primary canvas' padded region exact noisy background, as in DDS.
 * Data consistency is DDS's CG on the exact operator (ASTRA / SigPy), relative weights
@@ -84,6 +85,7 @@ TURNS = ("cyclic", "random")
 AUX_PLANES = ("coronal", "sagittal")
 _TO_PLANES = {"coronal": (0, 3, 2, 1, 4), "sagittal": (0, 4, 2, 1, 3)}      # -> (n, Y, C, Z, X) / (n, X, C, Z, Y)
 _FROM_PLANES = {"coronal": (0, 3, 2, 1, 4), "sagittal": (0, 3, 2, 4, 1)}    # inverse permutations
+_SIDE_SEED = 0x5450444D   # "TPDM": the side generator's seed is the sampler's xor this
 
 
 @dataclass
@@ -200,6 +202,14 @@ class PlaneView:
         return lay.canvas.pad(x0.reshape(n * z, c, y, xx))
 
 
+def side_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """A second generator, seeded from ``generator``'s seed, for what DDS does not draw (padding noise of the
+    auxiliary canvas, random turns): same seed -> same numbers, and the chain's noise stays DDS's."""
+    if generator is None:
+        return None
+    return torch.Generator(device=generator.device).manual_seed((generator.initial_seed() ^ _SIDE_SEED) % 2**63)
+
+
 def _turns(p: dict[str, Any], n_steps: int, generator: torch.Generator | None) -> list[bool]:
     """Per step: True when the auxiliary prior takes it (the reference's ``not is_primary_tern``)."""
     k = p["K"]
@@ -258,8 +268,9 @@ def tpdm(problem: ReconProblem, params: dict, prior: Any, generator: torch.Gener
     chunks = sample_chunks(int(p["samples"]), p["sample_batch"])
     report = StepReporter(problem.progress, len(pairs), len(chunks))
     aux_steps = 0
+    side = side_generator(generator)
     for n in chunks:
-        aux_turn = _turns(p, len(pairs), generator)
+        aux_turn = _turns(p, len(pairs), side)
         shape = lay.batch_shape(n)
         cond = primary.batch_cond(n)
         x = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
@@ -270,7 +281,7 @@ def tpdm(problem: ReconProblem, params: dict, prior: Any, generator: torch.Gener
                 ab, ab_next = sched.alpha_bar(t), sched.alpha_bar(t_next)
                 sigma = ((1 - ab) / ab).sqrt()
                 if aux_turn[i]:
-                    x0 = view.estimate(x, n, ab, sigma, generator)
+                    x0 = view.estimate(x, n, ab, sigma, side)
                 else:
                     x0 = den(x / ab.sqrt().to(lay.dtype), sigma.to(lay.dtype), cond)
                 eps = ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).to(lay.dtype)
