@@ -305,3 +305,16 @@ def test_bad_input_is_one_clear_error():
     flat = ReconProblem(y=prob.y[0], operator=prob.operator, modality="CT", image_shape=SHAPE[1:])
     with pytest.raises(ConfigError, match="needs a volume"):
         METHODS["tpdm"](flat, {}, (axial, aux), _gen())
+
+
+def test_a_run_interrupted_before_planes_existed_still_resumes(tmp_path):
+    """Its resume file's train_config has no ``plane``: it counts as the default (axial), not as a change."""
+    from medrecon.diffusion.train import _check_resume, resolve_train_config
+
+    cfg = resolve_train_config({"kind": "slice", **_FAST})
+    old = {k: v for k, v in cfg.items() if k != "plane"}
+    data = [{"sha256": "abc"}]
+    _check_resume({"train_config": old, "data": data}, cfg, data, tmp_path / "x.resume.pt", "slice prior")
+    with pytest.raises(ConfigError, match="plane"):
+        _check_resume({"train_config": old, "data": data}, {**cfg, "plane": "coronal"}, data,
+                      tmp_path / "x.resume.pt", "slice prior")
