@@ -61,6 +61,8 @@ SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
 CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
               "resample", "latent_dps"]
 MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps"]
+CT_METHODS += ["tpdm"]
+MR_METHODS += ["tpdm"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
 
 # Which trained prior each method needs, per modality (None: classical, no prior).
@@ -71,6 +73,9 @@ PRIOR_OF = {
     "MR": {"dds": "mr_slice", "dps": "mr_slice", "padis": "mr_patch", "resample": "mr_latent",
            "latent_dps": "mr_latent"},
 }
+# Several checkpoints, in the order the method's loader takes them (TPDM: the axial, then the coronal prior).
+PRIOR_OF["CT"]["tpdm"] = ("slice", "slice_coronal")
+PRIOR_OF["MR"]["tpdm"] = ("mr_slice", "mr_slice_coronal")
 
 # Modest sampler settings for 2 CPU cores (the papers use 50-1000 steps; see each method's docstring).
 SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
@@ -91,6 +96,7 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     # 0-5 -> 7 dB (prior samples), 50 -> 9.1 dB, 500 -> 13.8 dB (residual MSE 0.24).
     "latent_dps": {"steps": 50, "dps_scale": 500.0},
 }
+SAMPLER_PARAMS["tpdm"] = {"steps": 50}     # K = 2: every other step the coronal prior (the reference's default)
 
 # PaDIS patch geometry for 64 x 64 slices: 8 pixels of padding, 16 and 32 pixel patches.
 PATCH_2D = {"pad_width": 8, "patch_sizes": [16, 32], "patch_probs": [0.5, 0.5]}
@@ -100,6 +106,11 @@ PATCH_3D = {**PATCH_2D, "depth": 3}
 # ---------------------------------------------------------------------------------------------- helpers
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _names(prior: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The prior names of a PRIOR_OF entry (one, or a tuple for methods taking several checkpoints)."""
+    return prior if isinstance(prior, tuple) else (prior,)
 
 
 def _log(msg: str) -> None:
@@ -163,6 +174,10 @@ def train_configs(steps: int, device: str) -> dict[str, dict[str, Any]]:
         "mr_autoencoder": {**base, "kind": "autoencoder", "modality": "MR", "lr": 1e-4,
                            "network": {"in_channels": 2}, "random_phase": True},
         "mr_latent": {**base, "kind": "latent", "modality": "MR"},
+        # TPDM's perpendicular priors: the slice priors' configs on the coronal planes of the same volumes
+        "slice_coronal": {**base, "kind": "slice", "modality": "CT", "plane": "coronal"},
+        "mr_slice_coronal": {**base, "kind": "slice", "modality": "MR", "network": {"in_channels": 2},
+                             "random_phase": True, "plane": "coronal"},
     }
 
 
@@ -400,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     mr_rows = {m: m for m in args.mr_methods} if args.mr_accel else {}
     modalities = ["CT"] + (["MR"] if mr_rows else [])
     vols = {mod: make_volumes(work, mod, args.train_volumes, args.eval_volumes) for mod in modalities}
-    needed = {PRIOR_OF["CT"][r] for r in ct_rows if r in PRIOR_OF["CT"]}
-    needed |= {PRIOR_OF["MR"][r] for r in mr_rows if r in PRIOR_OF["MR"]}
+    needed = {n for r in ct_rows if r in PRIOR_OF["CT"] for n in _names(PRIOR_OF["CT"][r])}
+    needed |= {n for r in mr_rows if r in PRIOR_OF["MR"] for n in _names(PRIOR_OF["MR"][r])}
     params = {m: {**SAMPLER_PARAMS.get(m, {}), **args.params.get(m, {})} for m in {*ct_rows.values(),
                                                                                  *mr_rows.values()}}
     result: dict[str, Any] = {
@@ -433,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         result["summary"][name], result["runs"][name] = {}, {}
         for row, method in rows.items():
             prior_name = PRIOR_OF[modality].get(row)
-            prior = priors[prior_name]["path"] if prior_name else None
+            prior = [priors[n]["path"] for n in prior_name] if isinstance(prior_name, tuple) \
+                else priors[prior_name]["path"] if prior_name else None
             _log(f"{name}: {row}")
             docs = run_method(work, row, method, modality, setting, meas, prior, params[method], device,
                               args.timeout)
