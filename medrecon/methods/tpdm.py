@@ -5,10 +5,11 @@ Follows ``hyn2028/tpdm@5927141`` (``controllable_generation.py``: ``get_tpdm_sv_
 ``tpdm_utils.py``: ``is_primary_tern``, ``check_K``). The paper models the volume's density as a product of
 two 2D slice densities taken in perpendicular directions, p(x) ~ prod_z p_xy(x_z) prod_y p_zx(x_y) (a product of
 experts), and samples it by *alternating* the reverse-diffusion steps between the two slice priors: the
-**primary** prior (medrecon:
-the axial slice prior, every (y, x) slice) and the **auxiliary** prior (a slice prior trained on coronal (z, x)
-or sagittal (z, y) planes of the same volumes, ``train.<name>.plane``; :mod:`medrecon.diffusion.datasets`),
-which sees the same volume permuted so that its batch is the stack of perpendicular planes.
+**primary** prior, on the planes the measurement is taken slice by slice on (the reference's data step needs
+that layout; medrecon: the axial slice prior, every (y, x) slice), and the **auxiliary** prior (a slice prior
+trained on coronal (z, x) or sagittal (z, y) planes of the same volumes, ``train.<name>.plane``;
+:mod:`medrecon.diffusion.datasets`), which sees the same volume permuted so that its batch is the stack of
+perpendicular planes.
 
 Per step i of a uniform DDIM grid (``steps``, default 50), as DDS (:mod:`medrecon.methods.dds`) does it:
 
