@@ -5,10 +5,10 @@ Two problems whose posterior is known in closed form (see ``medrecon.diffusion.a
 1. The 1D Gaussian-mixture seed example (weights 0.3/0.5/0.2, means -2.5/0/1.5, stds 0.3/0.4/0.3;
    y = x + n = 0.5, sigma_y = 0.8): exact posterior mean / std / mass of the -2.5 mode (x < -1.25), the
    exact-score samplers (ancestral DDPM and DDIM/probability flow driven by the posterior's own exact
-   denoiser), DPS at several zeta (both guidance forms) and DDS.
+   denoiser), DPS at several zeta (both guidance forms), DDS, DDNM / DDNM+ and MCG.
 2. A d = 64 linear-Gaussian problem (8x8 image, squared-exponential prior covariance, 32 random
    measurements, sigma_y = 0.1): relative error of the sample mean and of the per-pixel std against the
-   exact posterior, for DPS and DDS.
+   exact posterior, for DPS, DDS, DDNM / DDNM+ and MCG.
 
 Usage: ``python benchmarks/fidelity.py [--samples-1d N] [--samples-64 N] [--threads T] [--quick]``.
 """
@@ -97,11 +97,31 @@ def run(samples_1d: int, samples_64: int, quick: bool) -> dict:
         r = METHODS["dds"](prob, {"lam": lam, "samples": samples_1d, "dtype": "float64"}, prior.as_prior(),
                            torch.Generator().manual_seed(3))
         add("seed1d", f"DDS lam={lam}", summary_1d(r.samples), samples_1d, r.nfe, r.info["time_s"])
+    # DDNM / DDNM+ (sigma_y = noise_std / ||A|| = 0.8 here) and MCG (projects onto y: every sample is y)
+    for method, params in [("ddnm", {}), ("ddnm", {"variant": "ddnm+"}), ("mcg", {"zeta": 0.3, "steps": 200})]:
+        r = METHODS[method](prob, {**params, "samples": samples_1d, "dtype": "float64"}, prior.as_prior(),
+                            torch.Generator().manual_seed(3))
+        label = f"{method.upper()} " + (" ".join(f"{k}={v}" for k, v in params.items()) or "defaults")
+        add("seed1d", label, summary_1d(r.samples), samples_1d, r.nfe, r.info["time_s"])
+    # DiffusionMBIR: hard data consistency returns y; the noise-aware step (sigma_y = 0.8) is closer
+    for dc in ("hard", "noise_aware"):
+        r = METHODS["diffusionmbir"](prob, {"dc": dc, "snr_norm": "batch", "samples": samples_1d, "dtype": "float64"},
+                                     prior.as_prior(), torch.Generator().manual_seed(3))
+        add("seed1d", f"DiffusionMBIR dc={dc}", summary_1d(r.samples), samples_1d, r.nfe, r.info["time_s"])
 
     prior, post, prob = linear_gaussian_problem()
     cfgs = [("dps", {"zeta": 0.3}), ("dps", {"zeta": 1.0}), ("dds", {}), ("dds", {"cg_iter": 2}),
             ("dds", {"eta_convention": "ddim", "eta": 1.0}), ("dds", {"steps": 100})]
     for method, params in cfgs[: 3 if quick else None]:
+        r = METHODS[method](prob, {**params, "samples": samples_64, "dtype": "float64"}, prior.as_prior(),
+                            torch.Generator().manual_seed(4))
+        label = f"{method.upper()} " + (" ".join(f"{k}={v}" for k, v in params.items()) or "defaults")
+        add("lingauss64", label, summary_lg(r.samples, post), samples_64, r.nfe, r.info["time_s"])
+    more = [("ddnm", {}), ("ddnm", {"variant": "ddnm+"}), ("mcg", {"zeta": 0.3, "steps": 100})]
+    more += [("diffusionmbir", {}), ("diffusionmbir", {"dc": "noise_aware"})]
+    more += [] if quick else [("ddnm", {"eta": 0.0}), ("ddnm", {"travel_repeat": 3, "travel_length": 5}),
+                              ("mcg", {"zeta": 0.0, "steps": 100}), ("mcg", {"zeta": 0.3, "steps": 1000})]
+    for method, params in more:
         r = METHODS[method](prob, {**params, "samples": samples_64, "dtype": "float64"}, prior.as_prior(),
                             torch.Generator().manual_seed(4))
         label = f"{method.upper()} " + (" ".join(f"{k}={v}" for k, v in params.items()) or "defaults")

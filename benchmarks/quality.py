@@ -59,8 +59,11 @@ CT_SPACING = (5.0, 5.0, 5.0)
 MR_SPACING = (5.0, 3.5, 3.5)
 SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
 CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
-              "resample", "latent_dps"]
-MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps"]
+              "resample", "latent_dps", "ddnm", "mcg", "dcdp", "dcdp_latent",
+              "pnp_admm", "pnp_red", "diffusionmbir"]
+# mcg, like dps, only on request (--mr-methods mcg): autograd through the network
+MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps", "ddnm", "dcdp",
+              "dcdp_latent", "pnp_admm", "pnp_red", "diffusionmbir"]
 CT_METHODS += ["tpdm"]
 MR_METHODS += ["tpdm"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
@@ -76,6 +79,28 @@ PRIOR_OF = {
 # Several checkpoints, in the order the method's loader takes them (TPDM: the axial, then the coronal prior).
 PRIOR_OF["CT"]["tpdm"] = ("slice", "slice_coronal")
 PRIOR_OF["MR"]["tpdm"] = ("mr_slice", "mr_slice_coronal")
+PRIOR_OF["CT"].update({"ddnm": "slice", "mcg": "slice"})
+PRIOR_OF["MR"].update({"ddnm": "mr_slice", "mcg": "mr_slice"})
+PRIOR_OF["CT"].update({"dcdp": "slice", "dcdp_latent": "latent"})
+PRIOR_OF["MR"].update({"dcdp": "mr_slice", "dcdp_latent": "mr_latent"})
+PRIOR_OF["CT"].update({"pnp_admm": "slice", "pnp_red": "slice"})
+PRIOR_OF["MR"].update({"pnp_admm": "mr_slice", "pnp_red": "mr_slice"})
+PRIOR_OF["CT"].update({"diffusionmbir": "slice"})
+PRIOR_OF["MR"].update({"diffusionmbir": "mr_slice"})
+
+# fbp_unet (FBPConvNet, supervised): one network per acquisition, so its prior is trained per CT setting, for that
+# setting's measure.ct (prior names supervised_v8, supervised_v20, ...: prior_for). Measured (defaults, CPU, 240 s of
+# training per setting): axial PSNR 8 views fbp 17.41 -> fbp_unet 21.24 dB, 20 views 22.08 -> 23.55 dB.
+CT_METHODS.append("fbp_unet")
+PRIOR_OF["CT"]["fbp_unet"] = "supervised"
+PER_SETTING_PRIORS = {"supervised"}
+
+
+def prior_for(modality: str, row: str, setting: float) -> str | tuple[str, ...] | None:
+    """The prior a row needs in a setting: PRIOR_OF's, with the view count for per-acquisition priors."""
+    name = PRIOR_OF[modality].get(row)
+    return f"{name}_v{int(setting)}" if name in PER_SETTING_PRIORS else name
+
 
 # Modest sampler settings for 2 CPU cores (the papers use 50-1000 steps; see each method's docstring).
 SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
@@ -95,7 +120,24 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
     # Latent DPS: dps_scale is not scale-free (docs/algorithms.md section 6); scan on 8-view CT (4 slices, 20 steps):
     # 0-5 -> 7 dB (prior samples), 50 -> 9.1 dB, 500 -> 13.8 dB (residual MSE 0.24).
     "latent_dps": {"steps": 50, "dps_scale": 500.0},
+    # DDNM: the reference's 100 steps and eta 0.85, no time travel (its configs); not tuned here.
+    "ddnm": {"steps": 100},
+    # MCG: 100 ancestral steps instead of 1000; zeta is in the operator's units (as DPS's) and not tuned here.
+    "mcg": {"steps": 100, "zeta": 1.0},
+    # DCDP: the reference's K = 10, T0 = 400 with 10-step DDIM purification (91 NFE) and 10 CG steps per round
+    # (not tuned here). Spot check, 2 slices of a ct_chest phantom, 16 views, demo priors (PSNR, [-1000, 1000] HU):
+    # fbp 22.8, dds-20 26.0; dcdp defaults 25.7, tweedie 26.5, t_start 200 26.4, dc_iter 5/20 25.4/25.8;
+    # dcdp_latent 23.5 (the demo autoencoder's ceiling: nothing above ~270 HU).
+    "dcdp": {"steps": 10, "t_start": 400, "ddim_steps": 10, "dc_iter": 10},
+    "dcdp_latent": {"steps": 10, "t_start": 400, "ddim_steps": 10, "dc_iter": 10},
+    # PnP: optimisers, 30 / 50 network evaluations (the registered defaults); see medrecon/methods/pnp.py
+    "pnp_admm": {"iterations": 30},
+    "pnp_red": {"iterations": 50},
 }
+# DiffusionMBIR: 100 predictor-corrector steps (200 NFE; the reference: 2000 steps, 4000 NFE, 1 CG step each).
+# Measured on an 8 x 64 x 64 chest phantom, 20 views, demo prior data/priors/ct_slice.pt (PSNR): 1 CG step
+# 21.3 dB at 100 steps, 23.8 at 300; 5 CG steps 27.7 at 100 steps (FBP 21.8, DDS z-TV 50 steps 24.8).
+SAMPLER_PARAMS["diffusionmbir"] = {"steps": 100, "cg_iter": 5}
 # TPDM: K = 2, every other step the coronal prior, data consistency on axial steps only (the reference's rule).
 # Measured (8-view CT, 200-step priors, 2 training volumes, 1 held-out volume; PSNR axial/coronal dB, slice
 # consistency ratio SCr, residual): dds 18.59/18.18, SCr 2.00, 0.0021; tpdm 18.31/18.00, SCr 1.81, 0.0074 (the
@@ -179,11 +221,23 @@ def train_configs(steps: int, device: str) -> dict[str, dict[str, Any]]:
         "mr_autoencoder": {**base, "kind": "autoencoder", "modality": "MR", "lr": 1e-4,
                            "network": {"in_channels": 2}, "random_phase": True},
         "mr_latent": {**base, "kind": "latent", "modality": "MR"},
+        # FBPConvNet, narrower than the paper's 64..1024 for CPU; measure: per setting (training_config)
+        "supervised": {**{k: v for k, v in base.items() if k != "image_size"}, "kind": "supervised",
+                       "modality": "CT", "lr": 1e-3, "network": {"features": [16, 32, 64, 128, 256, 16]}},
         # TPDM's perpendicular priors: the slice priors' configs on the coronal planes of the same volumes
         "slice_coronal": {**base, "kind": "slice", "modality": "CT", "plane": "coronal"},
         "mr_slice_coronal": {**base, "kind": "slice", "modality": "MR", "network": {"in_channels": 2},
                              "random_phase": True, "plane": "coronal"},
     }
+
+
+def training_config(cfgs: dict[str, dict[str, Any]], name: str, device: str) -> dict[str, Any]:
+    """The training config of prior ``name``: train_configs' entry; a per-setting prior (``supervised_v8``) gets
+    its setting's CT acquisition (the measure.ct the benchmark measures with)."""
+    base, _, tag = name.rpartition("_v")
+    if base in PER_SETTING_PRIORS and tag.isdigit():
+        return {**cfgs[base], "measure": study_config("CT", int(tag), device)["measure"]["ct"]}
+    return cfgs[name]
 
 
 def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: dict[str, dict[str, list[Path]]]
@@ -219,9 +273,9 @@ def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: di
             cfg = {"autoencoder": cfgs[pre + "autoencoder"], "latent": cfgs[pre + "latent"]}
             out = [ae, lat]  # reconstruct takes the two checkpoints in this order
         else:
-            out = pdir / f"{name}_{_digest(cfgs[base])}.pt"
+            cfg = training_config(cfgs, base, device)
+            out = pdir / f"{name}_{_digest(cfg)}.pt"
             cached = out.exists()
-            cfg = cfgs[base]
             if not cached:
                 _log(f"training prior {name} ({steps} steps) on {len(train_vols)} volume(s)")
                 train_prior(copy.deepcopy(cfg), train_vols, out)
@@ -420,8 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     mr_rows = {m: m for m in args.mr_methods} if args.mr_accel else {}
     modalities = ["CT"] + (["MR"] if mr_rows else [])
     vols = {mod: make_volumes(work, mod, args.train_volumes, args.eval_volumes) for mod in modalities}
-    needed = {n for r in ct_rows if r in PRIOR_OF["CT"] for n in _names(PRIOR_OF["CT"][r])}
-    needed |= {n for r in mr_rows if r in PRIOR_OF["MR"] for n in _names(PRIOR_OF["MR"][r])}
+    needed = {n for r in ct_rows for v in args.views if r in PRIOR_OF["CT"] for n in _names(prior_for("CT", r, v))}
+    needed |= {n for r in mr_rows for a in args.mr_accel or [] if r in PRIOR_OF["MR"]
+               for n in _names(prior_for("MR", r, a))}
     params = {m: {**SAMPLER_PARAMS.get(m, {}), **args.params.get(m, {})} for m in {*ct_rows.values(),
                                                                                  *mr_rows.values()}}
     result: dict[str, Any] = {
@@ -452,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         meas = measure_all(work, modality, setting, vols[modality]["eval"], device)
         result["summary"][name], result["runs"][name] = {}, {}
         for row, method in rows.items():
-            prior_name = PRIOR_OF[modality].get(row)
+            prior_name = prior_for(modality, row, setting)
             prior = [priors[n]["path"] for n in prior_name] if isinstance(prior_name, tuple) \
                 else priors[prior_name]["path"] if prior_name else None
             _log(f"{name}: {row}")

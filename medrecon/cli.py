@@ -144,7 +144,8 @@ def _train(a: argparse.Namespace) -> int:
     if a.name not in cfg["train"]:
         raise ConfigError(f"No prior named {a.name!r} under 'train' in the config.",
                           fix=f"add train.{a.name} (known: {sorted(cfg['train'])}).")
-    print(train_prior(cfg["train"][a.name], [Path(v) for v in a.volumes], Path(a.out), resume=not a.no_resume))
+    section = cfgmod.training_section(cfg["train"][a.name], cfg)
+    print(train_prior(section, [Path(v) for v in a.volumes], Path(a.out), resume=not a.no_resume))
     return 0
 
 

@@ -127,3 +127,15 @@ def _close_match(root: Path, src: str) -> str | None:
     names = [p.name for p in parent.iterdir()]
     close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
     return str(path.parent / close[0]) if close else None
+
+
+def training_section(section: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
+    """The training config ``train.<name>`` with what its kind takes from the rest of the study: a ``supervised``
+    prior (FBP-UNet) is trained for the study's CT acquisition, so its ``measure`` is the study's
+    ``measure.ct`` with the section's own ``measure`` keys over it. Other kinds are returned as they are.
+    (Used by ``medrecon train`` and the workflow's train rule, whose params then change with measure.ct.)"""
+    out = dict(section or {})
+    if out.get("kind") == "supervised":
+        study_ct = ((study or {}).get("measure") or {}).get("ct") or {}
+        out["measure"] = {**study_ct, **(out.get("measure") or {})}
+    return out

@@ -4,12 +4,13 @@ A checkpoint is ``torch.save`` of a dict holding only tensors and plain Python t
 ``torch.load(weights_only=True)`` (no pickled code runs on load). Keys:
 
 ``format``         ``"medrecon-prior/1"``
-``kind``           ``"slice" | "slab" | "patch" | "autoencoder" | "latent"``
+``kind``           ``"slice" | "slab" | "patch" | "autoencoder" | "latent" | "supervised"``
 ``modality``       ``"CT" | "MR"``
 ``objective``      ``"epsilon"`` (DDPM noise prediction on the VP schedule) or ``"edm"`` (Karras
-                   preconditioning; ``sigma_data`` then set) or ``"autoencoder"``
-``network``        ``{"builder": "unet" | "autoencoder", "spec": <resolved constructor spec>}``
-``schedule``       the schedule's ``to_dict()`` (None for an autoencoder)
+                   preconditioning; ``sigma_data`` then set) or ``"autoencoder"`` or ``"supervised"``
+                   (FBP -> reference regression, :mod:`medrecon.diffusion.supervised`)
+``network``        ``{"builder": "unet" | "autoencoder" | "fbpconvnet", "spec": <resolved constructor spec>}``
+``schedule``       the schedule's ``to_dict()`` (None for an autoencoder and a supervised network)
 ``sigma_data``     EDM's sigma_data, or None
 ``normalisation``  the intensity normalisation dict (:mod:`medrecon.diffusion.normalisation`)
 ``train_config``   the resolved training configuration
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from medrecon.diffusion.networks import build_autoencoder, build_unet
+from medrecon.diffusion.networks import build_autoencoder, build_fbpconvnet, build_unet
 from medrecon.diffusion.normalisation import prior_affine, validate_normalisation
 from medrecon.diffusion.schedules import EDMSchedule, VPSchedule, schedule_from_dict
 from medrecon.errors import ConfigError, InputError
@@ -45,8 +46,8 @@ FORMAT = "medrecon-prior/1"
 RESUME_FORMAT = "medrecon-resume/1"
 # The kinds a checkpoint file may declare: exactly the registered training kinds (medrecon.diffusion.kinds;
 # tests/recon/test_registry.py checks they agree). Kept here as data so reading a checkpoint imports no trainer.
-KINDS = ("slice", "slab", "patch", "autoencoder", "latent")
-OBJECTIVES = ("epsilon", "edm", "autoencoder")
+KINDS = ("slice", "slab", "patch", "autoencoder", "latent", "supervised")
+OBJECTIVES = ("epsilon", "edm", "autoencoder", "supervised")
 REQUIRED = ("format", "kind", "modality", "objective", "network", "schedule", "sigma_data", "normalisation",
             "train_config", "data", "step", "weights", "ema_weights", "hash")
 
@@ -266,6 +267,8 @@ def load_checkpoint(path: str | Path, expect_modality: str | None = None, expect
         net = build_unet(spec)
     elif builder == "autoencoder":
         net = build_autoencoder(spec)
+    elif builder == "fbpconvnet":
+        net = build_fbpconvnet(spec)
     else:
         raise InputError(f"prior checkpoint {p} names an unknown network builder {builder!r}.", path=p,
                          fix="re-train it with this medrecon version")

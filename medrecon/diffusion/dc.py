@@ -121,6 +121,18 @@ def cg_normal(op: LinearOperator, y: torch.Tensor | None, x0: torch.Tensor, n_it
     return cg(apply, rhs, x0, n_iter, tol, n_batch)
 
 
+def pinv_normal(op: LinearOperator, rhs: torch.Tensor, n_iter: int = 20, tol: float = 1e-6,
+                n_batch: int = 0) -> torch.Tensor:
+    """``A^+ b`` from ``rhs = A^H b``: CG from zero on ``A^H A x = rhs`` (DDNM's and MCG's projections).
+
+    Every CG iterate lies in the Krylov space of ``A^H A`` started at ``A^H b``, inside range(A^H), so the
+    limit is the minimum-norm least-squares solution, i.e. the Moore-Penrose pseudo-inverse applied to b,
+    without an SVD. Early stopping (``n_iter``) truncates it, which for ill-conditioned operators (CT) is also
+    the regulariser. ``A^+ A v`` (the range-space part of v) is ``pinv_normal(op, op.normal(v))``.
+    """
+    return cg_normal(op, None, torch.zeros_like(rhs), n_iter, 0.0, tol, n_batch, aty=rhs)
+
+
 def diff_z(x: torch.Tensor, axis: int = -3) -> torch.Tensor:
     """Circular forward difference along the slice axis: (D_z x)[i] = x[i+1] - x[i] (DDS ``_Dz``)."""
     return torch.roll(x, -1, dims=axis) - x
@@ -148,12 +160,14 @@ class ZTVState:
 @torch.no_grad()
 def ztv_admm_step(op: LinearOperator, y: torch.Tensor | None, x0: torch.Tensor, state: ZTVState, rho: float,
                   lam: float, n_cg: int = 5, axis: int = -3, n_batch: int = 0, tol: float = 1e-6,
-                  aty: torch.Tensor | None = None) -> torch.Tensor:
+                  aty: torch.Tensor | None = None, prox: float = 0.0) -> torch.Tensor:
     """One ADMM iteration for min_x 1/2 ||A x - y||^2 + lam ||D_z x||_1 (DDS ``solver_3d.py``).
 
     x-update: ``n_cg`` CG steps from x0 on ``(A^H A + rho D_z^T D_z) x = A^H y + rho D_z^T (z - u)``;
     then ``z = soft(D_z x + u, lam / rho)`` and ``u += D_z x - z``. ``state`` is updated in place and
     carries (z, u) to the next diffusion step; it starts at zero. ``axis`` is the slice axis of x.
+    ``prox`` > 0 adds ``prox/2 ||x - x0||^2`` to the objective (``+ prox I`` left, ``+ prox x0`` right): the
+    noise-aware data consistency of DiffusionMBIR (:mod:`medrecon.methods.diffusionmbir`); 0 is DDS's step.
     """
     if aty is None:
         aty = op.adjoint(y)
@@ -162,9 +176,12 @@ def ztv_admm_step(op: LinearOperator, y: torch.Tensor | None, x0: torch.Tensor, 
         state.u = torch.zeros_like(x0)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return op.normal(x) + rho * diff_z_adjoint(diff_z(x, axis), axis)
+        out = op.normal(x) + rho * diff_z_adjoint(diff_z(x, axis), axis)
+        return out + prox * x if prox else out
 
     rhs = aty + rho * diff_z_adjoint(state.z - state.u, axis)
+    if prox:
+        rhs = rhs + prox * x0
     x = cg(apply, rhs, x0, n_cg, tol, n_batch)
     dx = diff_z(x, axis)
     state.z = soft_threshold(dx + state.u, lam / rho)

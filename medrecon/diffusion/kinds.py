@@ -1,6 +1,6 @@
 """Prior kinds: what ``medrecon train`` can train, each registered by the module that implements it.
 
-A kind ("slice", "slab", "patch", "autoencoder", "latent") is the ``kind`` of a training config
+A kind ("slice", "slab", "patch", "autoencoder", "latent", "supervised") is the ``kind`` of a training config
 (``train.<name>.kind``) and of the checkpoint it writes; reconstruction methods name the kind they need
 (:mod:`medrecon.recon.registry`). The module of a kind registers a function
 ``train(cfg, volumes, out, resume) -> checkpoint path`` with :func:`register_kind`; it builds the kind's

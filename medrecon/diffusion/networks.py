@@ -256,3 +256,66 @@ def build_autoencoder(spec: dict[str, Any]) -> AutoencoderKL:
         norm_num_groups=int(s["norm_num_groups"]), with_encoder_nonlocal_attn=bool(s["with_encoder_nonlocal_attn"]),
         with_decoder_nonlocal_attn=bool(s["with_decoder_nonlocal_attn"]),
     )
+
+
+# ---------------------------------------------------------------------------------------------- FBPConvNet
+
+# FBPConvNet (Jin et al. 2017, ``panakino/FBPConvNet``): 5 levels of widths 64..1024 (3x3 conv + BN + ReLU,
+# max-pool down, transposed-conv up, concatenated skips, 1x1 output conv). ``features`` follows MONAI's
+# BasicUNet: the five level widths, then the width of the last decoder level.
+_FBPCONVNET_DEFAULTS: dict[str, Any] = {"in_channels": 1, "out_channels": 1,
+                                        "features": [64, 128, 256, 512, 1024, 64]}
+
+
+def fbpconvnet_spec_defaults() -> dict[str, Any]:
+    """The paper's FBPConvNet widths (studies on CPU override ``features`` with narrower ones)."""
+    return copy.deepcopy(_FBPCONVNET_DEFAULTS)
+
+
+def resolve_fbpconvnet_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate an FBPConvNet spec (keys of :func:`fbpconvnet_spec_defaults`, missing ones from there)."""
+    unknown = sorted(set(spec) - set(_FBPCONVNET_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown FBPConvNet spec key(s) {unknown}",
+                          fix=f"valid keys are {list(_FBPCONVNET_DEFAULTS)}")
+    s = {**fbpconvnet_spec_defaults(), **copy.deepcopy(spec)}
+    feats = [int(f) for f in s["features"]]
+    if len(feats) != 6 or min(feats) < 1:
+        raise ConfigError(f"FBPConvNet features must be 6 positive widths (5 levels + the last decoder's), "
+                          f"got {s['features']}", fix="e.g. [64, 128, 256, 512, 1024, 64] (the paper's)")
+    if int(s["in_channels"]) < 1 or int(s["out_channels"]) < 1:
+        raise ConfigError("FBPConvNet in_channels/out_channels must be >= 1", fix="use 1 for CT slices")
+    return {"in_channels": int(s["in_channels"]), "out_channels": int(s["out_channels"]), "features": feats}
+
+
+class FBPConvNet(torch.nn.Module):
+    """MONAI ``BasicUNet`` (2D, BatchNorm, ReLU, transposed-conv upsampling) in FBPConvNet's configuration.
+
+    It maps an FBP (B, C, H, W) to the *residual* (reference - FBP); sides must be multiples of 16 (four
+    max-pools), which the method and the training dataset guarantee by padding with the background.
+    """
+
+    size_multiple = 16
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        self.spec = resolve_fbpconvnet_spec(spec)
+        self.unet = BasicUNet(spatial_dims=2, in_channels=self.spec["in_channels"],
+                              out_channels=self.spec["out_channels"], features=tuple(self.spec["features"]),
+                              act=("relu", {"inplace": True}), norm=("batch", {}), bias=True, dropout=0.0,
+                              upsample="deconv")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise InputError(f"FBPConvNet got a {h}x{w} input; its four max-pools need sides that are multiples "
+                             f"of {self.size_multiple}",
+                             fix="pad the slice with the background first (medrecon.diffusion.canvas.Canvas)")
+        return self.unet(x)
+
+
+def build_fbpconvnet(spec: dict[str, Any]) -> FBPConvNet:
+    """The FBPConvNet a (possibly partial) spec describes; parameters from torch's global RNG."""
+    return FBPConvNet(spec)

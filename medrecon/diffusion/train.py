@@ -142,6 +142,11 @@ def ema_model(net: torch.nn.Module, decay: float) -> AveragedModel:
     """
 
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor | int) -> None:
+        # called per (device, dtype) group; integer buffers (BatchNorm's num_batches_tracked, the supervised
+        # FBPConvNet) are counters, not weights: copied, not averaged
+        if ema_params and not ema_params[0].is_floating_point():
+            torch._foreach_copy_(ema_params, params)
+            return
         k = float(n)
         d = min(decay, (1.0 + k) / (10.0 + k))
         torch._foreach_lerp_(ema_params, params, 1.0 - d)

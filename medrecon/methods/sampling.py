@@ -7,6 +7,7 @@ batch of canvases (padded to the network's multiple with the prior's background,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,19 @@ class SliceLayout:
     def batch(self, x_image: torch.Tensor) -> torch.Tensor:
         """Image domain (n, *image_shape) -> denoiser batch (canvases, background around) in the prior domain."""
         return self.canvas.pad(self.prior.pack(x_image, self.dtype))
+
+    def _linear_prior(self) -> Prior:
+        """The prior's image map without its offset: what a *change* of the image maps to."""
+        return dataclasses.replace(self.prior, offset=0.0)
+
+    def image_delta(self, v_batch: torch.Tensor, n: int) -> torch.Tensor:
+        """A change of the denoiser batch -> the change of the image (the linear part of :meth:`image`; the
+        padded region is dropped). Null-space projections (DDNM, MCG) act on changes, not on states."""
+        return self._linear_prior().unpack(self.canvas.crop(v_batch), (n, *self.lead), self.op.in_dtype)
+
+    def batch_delta(self, d_image: torch.Tensor) -> torch.Tensor:
+        """A change of the image (n, *image_shape) -> the change of the denoiser batch, zero in the padding."""
+        return self.canvas.zero_padding(self.canvas.pad(self._linear_prior().pack(d_image, self.dtype)))
 
     def batch_shape(self, n: int) -> tuple[int, ...]:
         return (n * self.n_slices, self.prior.channels, *self.canvas.shape)

@@ -37,6 +37,9 @@ def test_every_checkpoint_kind_trains_through_train_prior(tmp_path):
         "patch": {"kind": "patch", "loss": "edm", "network": dict(_UNET), **_FAST,
                   "patch": {"pad_width": 2, "patch_sizes": [4, 8], "patch_probs": [0.5, 0.5]}},
         "autoencoder": {"kind": "autoencoder", "network": _AE_NET, **_FAST},
+        # fbp_unet's FBPConvNet: pairs simulated for one CT acquisition (slices at their own size, no image_size)
+        "supervised": {"kind": "supervised", "network": {"features": [4, 4, 8, 8, 16, 4]}, "measure": {"views": 6},
+                       **{k: v for k, v in _FAST.items() if k != "image_size"}},
     }
     assert set(configs) | {"latent"} == set(KINDS) == set(training_kinds())
     paths = {}

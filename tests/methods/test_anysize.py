@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import medrecon.methods.dds  # registers the methods
-import medrecon.methods.diffusionblend
-import medrecon.methods.padis
-import medrecon.methods.resample  # noqa: F401
+import medrecon.methods  # noqa: F401  (registers every sampler)
 from medrecon.diffusion.canvas import Canvas, CanvasDenoiser, network_multiple, prior_background
 from medrecon.diffusion.denoiser import Denoiser, EDMDenoiser, EpsilonDenoiser, Prior
 from medrecon.diffusion.latent import LatentCodec, LatentPrior
@@ -112,6 +109,11 @@ PRIORS = {
     "dds": slice_prior, "dps": slice_prior, "diffusionblend": slab_prior, "diffusionblend++": slab_prior,
     "padis": lambda: patch_prior(None), "padis3d": lambda: patch_prior(3),
     "resample": lambda: latent_prior("autoencoder"), "latent_dps": lambda: latent_prior("space_to_depth"),
+    "ddnm": slice_prior, "mcg": slice_prior,
+    "dcdp": slice_prior,
+    "dcdp_latent": lambda: latent_prior("autoencoder"),
+    "pnp_admm": slice_prior, "pnp_red": slice_prior,
+    "diffusionmbir": slice_prior,
 }
 PARAMS = {
     "dds": {"steps": 3}, "dps": {"steps": 3, "zeta": 1e-3}, "diffusionblend": {"steps": 3},
@@ -121,9 +123,14 @@ PARAMS = {
     "resample": {"steps": 4, "variant": "pixel", "dc_every": 1, "splits": 2, "inter_steps": 1, "pixel_iters": 40,
                  "pixel_lr": 0.1, "dps_scale": 1e-3},
     "latent_dps": {"steps": 3, "dps_scale": 1e-3},
+    "ddnm": {"steps": 3}, "mcg": {"steps": 3, "zeta": 1e-3},
+    "dcdp": {"steps": 3, "t_start": 100, "ddim_steps": 2},
+    "dcdp_latent": {"steps": 3, "t_start": 100, "ddim_steps": 2},
+    "pnp_admm": {"iterations": 3}, "pnp_red": {"iterations": 3},
+    "diffusionmbir": {"steps": 3},
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
-HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample"}
+HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample", "ddnm", "mcg"}
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -220,7 +227,7 @@ class _Recorder(Denoiser):
         return self.inner(x, sigma, cond)
 
 
-@pytest.mark.parametrize("method", ["dds", "dps", "diffusionblend"])
+@pytest.mark.parametrize("method", ["dds", "dps", "diffusionblend", "ddnm", "mcg"])
 def test_padded_region_of_the_state_stays_exact_noisy_background(method):
     """At every step the network sees, in the padded region, background + sigma * N(0, 1): the clean-space
     padding is re-noised by the sampler's own update, so nothing there is out of distribution (padding x_t
@@ -230,7 +237,7 @@ def test_padded_region_of_the_state_stays_exact_noisy_background(method):
     rec = _Recorder(prior.denoiser)
     prior = Prior(rec, scale=prior.scale, offset=prior.offset, meta=prior.meta)
     prob = ct_problem(61, 67, 6)
-    METHODS[method](prob, {"steps": 6, **({"zeta": 0.1} if method == "dps" else {})}, prior,
+    METHODS[method](prob, {"steps": 6, **({"zeta": 0.1} if method in ("dps", "mcg") else {})}, prior,
                     torch.Generator().manual_seed(0))
     mask = Canvas(61, 67, 4).mask()
     assert len(rec.seen) == 6

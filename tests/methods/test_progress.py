@@ -17,7 +17,7 @@ H, W = 16, 20
 
 
 def _steps(method: str) -> int:
-    return int(PARAMS[method]["steps"])
+    return int(PARAMS[method].get("steps", PARAMS[method].get("iterations")))     # optimisers: iterations
 
 
 def test_every_diffusion_method_is_covered():

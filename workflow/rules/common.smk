@@ -91,6 +91,9 @@ def prior_input(wildcards):
 
 
 # ---- train: training volumes, autoencoder of a latent prior --------------------------------------------------
+from medrecon.config import training_section
+
+
 def training_volumes(wildcards):
     """Reference volumes (on the study grid) of the subjects with role 'train' and the prior's modality."""
     modality = config["train"][wildcards.prior]["modality"]
@@ -108,7 +111,9 @@ def autoencoder_input(wildcards):
 
 
 def train_section(wildcards, input):
-    section = dict(config["train"][wildcards.prior])
+    """The prior's training config; a supervised prior (fbp_unet) also gets the study's measure.ct (its own
+    measure keys over it), so it is trained for the acquisition it will reconstruct, and retrained when it changes."""
+    section = training_section(config["train"][wildcards.prior], config)
     if input.autoencoder:
         section["autoencoder"] = str(input.autoencoder[0])
     return json.dumps({"train": {wildcards.prior: section}}, sort_keys=True)
