@@ -48,7 +48,6 @@ def _gen(seed: int = 0) -> torch.Generator:
 def ct_priors(plane: str = "coronal") -> tuple[Prior, Prior]:
     """Two different tiny untrained slice networks (3 levels: sides multiples of 4)."""
     axial, aux = slice_prior(), slice_prior()
-    torch.manual_seed(0)
     aux.denoiser = EpsilonDenoiser(_net(_spec("slice"), seed=7), VPSchedule())
     aux.meta = {**aux.meta, "plane": plane}
     return axial, aux
