@@ -142,7 +142,9 @@ SAMPLER_PARAMS["diffusionmbir"] = {"steps": 100, "cg_iter": 5}
 # Measured (8-view CT, 200-step priors, 2 training volumes, 1 held-out volume; PSNR axial/coronal dB, slice
 # consistency ratio SCr, residual): dds 18.59/18.18, SCr 2.00, 0.0021; tpdm 18.31/18.00, SCr 1.81, 0.0074 (the
 # last of 50 steps is a coronal one without a data step); aux_dc: true 18.69/18.39, SCr 1.80, 0.0022; K 3
-# 18.63/18.28, SCr 1.83, 0.0024.
+# 18.63/18.28, SCr 1.83, 0.0024. MR R=4 (same budget, 8 coils): dds 16.22/16.39, SCr 0.87, 0.028; tpdm 15.36/15.43,
+# SCr 0.95, 0.036; aux_dc: true 15.86/16.06, SCr 0.90, 0.028. One held-out volume, one seed: differences of a few
+# tenths of a dB are within what another volume or seed moves.
 SAMPLER_PARAMS["tpdm"] = {"steps": 50}
 
 # PaDIS patch geometry for 64 x 64 slices: 8 pixels of padding, 16 and 32 pixel patches.
