@@ -11,7 +11,10 @@ What it measures
        (ReSample / Latent-DPS: each of the two networks gets the budget), MR slice prior (MR DDS).
        ``--small-data`` also trains the slice and the patch prior on ONE volume (rows ``dds[1vol]`` and
        ``padis[1vol]``: the PaDIS claim that patch priors need less data). Checkpoints are cached in the
-       work dir, keyed by the budget, so re-runs skip training.
+       work dir, keyed by the budget, so re-runs skip training. ``--padis-ablation`` adds the PaDIS paper's
+       ablation rows (its Table 2) as rows ``padis[average]``, ``padis[tile]``, ``padis[langevin]``,
+       ``padis[pc]``, ``padis[ddnm]`` (the same patch prior; :data:`PADIS_ABLATION`); each may also be named
+       in ``--methods`` / ``--mr-methods``.
     3. Measurements with :func:`medrecon.measure.measure`: parallel-beam sparse-view CT at ``--views``
        (Poisson noise, I0 = 1e5 photons per ray), 8-coil Cartesian SENSE MRI at ``--mr-accel`` (SNR 30 dB).
     4. Each method reconstructs every held-out volume through :func:`medrecon.reconstruct.reconstruct` (the
@@ -64,17 +67,33 @@ CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionble
 # mcg, like dps, only on request (--mr-methods mcg): autograd through the network
 MR_METHODS = ["zero_filled", "sense", "l1_wavelet", "dds", "padis", "resample", "latent_dps", "ddnm", "dcdp",
               "dcdp_latent", "pnp_admm", "pnp_red", "diffusionmbir"]
+# ddrm: CT only (8-coil 64^2 SENSE is 65536 x 8192 real, far over ddrm's dense-SVD limit); tilted: MR only (the CT
+# measurements record no noise std, and at I0 = 1e5 sigma* = sigma_y / ||A|| is below the schedule's smallest sigma)
+CT_METHODS += ["ddrm"]
+MR_METHODS += ["tilted"]
 CT_METHODS += ["tpdm"]
 MR_METHODS += ["tpdm"]
 SMALL_DATA_METHODS = {"dds[1vol]": ("dds", "slice_1vol"), "padis[1vol]": ("padis", "patch_1vol")}
+# PaDIS ablation rows (the paper's Table 2; docs/algorithms.md section 5.1): row -> (method, params over
+# SAMPLER_PARAMS[method]). The noise-started samplers get the reference's sigma_max 10 and alpha = sigma^2;
+# 2 inner steps x 20 levels (pc: 19 levels x predictor + corrector) keep the 40-evaluation budget. Not tuned.
+PADIS_ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+    "padis[average]": ("padis", {"mode": "average"}),
+    "padis[tile]": ("padis", {"mode": "tile"}),
+    "padis[langevin]": ("padis", {"sampler": "langevin", "sigma_max": 10.0, "langevin": 1.0}),
+    "padis[pc]": ("padis", {"sampler": "pc", "sigma_max": 10.0, "inner": 1}),
+    "padis[ddnm]": ("padis", {"sampler": "ddnm", "sigma_max": 10.0, "langevin": 1.0}),
+}
 
 # Which trained prior each method needs, per modality (None: classical, no prior).
 PRIOR_OF = {
     "CT": {"dds": "slice", "dps": "slice", "diffusionblend": "slab", "diffusionblend++": "slab",
            "padis": "patch", "padis3d": "patch3d", "resample": "latent", "latent_dps": "latent",
-           "dds[1vol]": "slice_1vol", "padis[1vol]": "patch_1vol"},
+           "dds[1vol]": "slice_1vol", "padis[1vol]": "patch_1vol",
+           **{row: "patch" for row in PADIS_ABLATION}},
     "MR": {"dds": "mr_slice", "dps": "mr_slice", "padis": "mr_patch", "resample": "mr_latent",
-           "latent_dps": "mr_latent"},
+           "latent_dps": "mr_latent",
+           **{row: "mr_patch" for row in PADIS_ABLATION}},
 }
 # Several checkpoints, in the order the method's loader takes them (TPDM: the axial, then the coronal prior).
 PRIOR_OF["CT"]["tpdm"] = ("slice", "slice_coronal")
@@ -101,6 +120,8 @@ def prior_for(modality: str, row: str, setting: float) -> str | tuple[str, ...] 
     name = PRIOR_OF[modality].get(row)
     return f"{name}_v{int(setting)}" if name in PER_SETTING_PRIORS else name
 
+PRIOR_OF["CT"]["ddrm"] = "slice"
+PRIOR_OF["MR"]["tilted"] = "mr_slice"
 
 # Modest sampler settings for 2 CPU cores (the papers use 50-1000 steps; see each method's docstring).
 SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
@@ -138,6 +159,11 @@ SAMPLER_PARAMS: dict[str, dict[str, Any]] = {
 # Measured on an 8 x 64 x 64 chest phantom, 20 views, demo prior data/priors/ct_slice.pt (PSNR): 1 CG step
 # 21.3 dB at 100 steps, 23.8 at 300; 5 CG steps 27.7 at 100 steps (FBP 21.8, DDS z-TV 50 steps 24.8).
 SAMPLER_PARAMS["diffusionmbir"] = {"steps": 100, "cg_iter": 5}
+# DDRM: the reference's 20 steps; sigma_y is the post-log Poisson std 1 / sqrt(I0 exp(-p)) at I0 = 1e5 for line
+# integrals p ~ 1-3 (0.005-0.014; the CT measurement records no std). Not yet run on this benchmark.
+SAMPLER_PARAMS["ddrm"] = {"steps": 20, "sigma_y": 0.005}
+# Tilted transport: sigma* is small at 30 dB, so ULA needs many tiny steps; a reference run, not a tuned one.
+SAMPLER_PARAMS["tilted"] = {"ula_steps": 200}
 # TPDM: K = 2, every other step the coronal prior, data consistency on axial steps only (the reference's rule).
 # Measured (8-view CT, 200-step priors, 2 training volumes, 1 held-out volume; PSNR axial/coronal dB, slice
 # consistency ratio SCr, residual): dds 18.59/18.18, SCr 2.00, 0.0021; tpdm 18.31/18.00, SCr 1.81, 0.0074 (the
@@ -424,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-volumes", type=int, default=4)
     p.add_argument("--eval-volumes", type=int, default=2)
     p.add_argument("--small-data", action="store_true", help="also rows dds[1vol], padis[1vol]: priors on 1 volume")
+    p.add_argument("--padis-ablation", action="store_true",
+                   help="also the PaDIS ablation rows " + ", ".join(PADIS_ABLATION) + " (CT)")
     p.add_argument("--params", default="{}", help="JSON {method: {param: value}} over the sampler defaults")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (method, setting) subprocess")
     p.add_argument("--out", type=Path, default=HERE / "out" / "quality.json")
@@ -440,6 +468,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def row_method(row: str) -> str:
+    """The registered method behind a table row (ablation rows are parameter settings of one method)."""
+    return PADIS_ABLATION[row][0] if row in PADIS_ABLATION else row
+
+
+def row_params(row: str, method: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A row's sampler params: SAMPLER_PARAMS[method], then the row's ablation settings, then ``--params`` for
+    the method, then for the row itself (e.g. ``{"padis[pc]": {"snr": 0.1}}``)."""
+    extra = PADIS_ABLATION[row][1] if row in PADIS_ABLATION else {}
+    return {**SAMPLER_PARAMS.get(method, {}), **extra, **overrides.get(method, {}),
+            **(overrides.get(row, {}) if row != method else {})}
+
+
 def check_methods(args: argparse.Namespace) -> None:
     """Unknown method names stop the run before any training (one clear message)."""
     from medrecon.errors import ConfigError
@@ -447,9 +488,9 @@ def check_methods(args: argparse.Namespace) -> None:
 
     known = load_all()
     for name in [*args.methods, *args.mr_methods]:
-        if name not in known:
+        if name not in known and name not in PADIS_ABLATION:
             raise ConfigError(f"benchmarks/quality.py: unknown method {name!r}.",
-                              fix=f"use some of: {', '.join(sorted(known))}.")
+                              fix=f"use some of: {', '.join([*sorted(known), *PADIS_ABLATION])}.")
     for name in args.mr_methods:
         if name in known and name not in PRIOR_OF["MR"] and name not in ("zero_filled", "sense", "l1_wavelet",
                                                                         "tv"):
@@ -470,17 +511,18 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    ct_rows = {m: m for m in args.methods}
+    ct_rows = {m: row_method(m) for m in args.methods}
     if args.small_data:
         ct_rows.update({r: m for r, (m, _) in SMALL_DATA_METHODS.items()})
-    mr_rows = {m: m for m in args.mr_methods} if args.mr_accel else {}
+    if args.padis_ablation:
+        ct_rows.update({r: m for r, (m, _) in PADIS_ABLATION.items()})
+    mr_rows = {m: row_method(m) for m in args.mr_methods} if args.mr_accel else {}
     modalities = ["CT"] + (["MR"] if mr_rows else [])
     vols = {mod: make_volumes(work, mod, args.train_volumes, args.eval_volumes) for mod in modalities}
     needed = {n for r in ct_rows for v in args.views if r in PRIOR_OF["CT"] for n in _names(prior_for("CT", r, v))}
     needed |= {n for r in mr_rows for a in args.mr_accel or [] if r in PRIOR_OF["MR"]
                for n in _names(prior_for("MR", r, a))}
-    params = {m: {**SAMPLER_PARAMS.get(m, {}), **args.params.get(m, {})} for m in {*ct_rows.values(),
-                                                                                 *mr_rows.values()}}
+    params = {r: row_params(r, m, args.params) for r, m in {**ct_rows, **mr_rows}.items()}
     result: dict[str, Any] = {
         "settings": {
             "budget_steps": args.budget_steps, "batch_size": 8, "views": args.views, "mr_accel": args.mr_accel,
@@ -513,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             prior = [priors[n]["path"] for n in prior_name] if isinstance(prior_name, tuple) \
                 else priors[prior_name]["path"] if prior_name else None
             _log(f"{name}: {row}")
-            docs = run_method(work, row, method, modality, setting, meas, prior, params[method], device,
+            docs = run_method(work, row, method, modality, setting, meas, prior, params[row], device,
                               args.timeout)
             result["runs"][name][row] = docs
             result["summary"][name][row] = summarise(docs)

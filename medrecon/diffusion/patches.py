@@ -34,6 +34,14 @@ Departures from the reference, on purpose
       padded image and covering the image; ``k`` is chosen to allow the most offsets. For the reference's
       N = 256, pad 24, P = 56 this is the reference's grid (k = 5, 25 offsets). One origin per evaluation,
       shared by all slices and samples of the batch.
+    * The paper's ablation rows (its Table 2), reference ``denoise_padding.py``: ``mode="average"`` is
+      ``denoisedOverlap`` ("Patch Averaging": a *fixed* grid, stride P - ``overlap``, overlapping outputs
+      averaged) and ``mode="tile"`` is ``denoisedTile`` ("Patch Stitching": the same fixed grid, each pixel
+      taken from the *last* patch that covers it, no averaging). The reference starts the averaging grid at
+      the image's first pixel and the tiling grid at padded pixel 4 (for pad 24); medrecon starts both at
+      the largest admissible origin <= pad (the image's first pixel whenever the grid fits), and a grid is
+      admissible only if it covers the image and stays inside the padded image (the reference asserts the
+      latter on its one geometry).
     * Variable patch sizes in training: one size per batch (items of a batch must stack), drawn with the
       configured probabilities; the dataset's ``__getitems__`` (which torch's DataLoader calls with the
       whole batch of keys) picks it, and ``batch_multipliers`` (default P_max / P, the reference's ratio
@@ -202,20 +210,77 @@ def extract_patches(x: torch.Tensor, idx: torch.Tensor, patch_shape: Sequence[in
 
 
 def stitch_patches(patches: torch.Tensor, idx: torch.Tensor, spatial: Sequence[int], b: int,
-                   fill: float) -> torch.Tensor:
-    """Inverse of :func:`extract_patches`: overlapping pixels averaged, pixels no patch covers set to ``fill``."""
+                   fill: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`extract_patches`: overlapping pixels averaged, pixels no patch covers set to ``fill``.
+
+    ``weights`` (n_patches, prod(patch)), optional: each patch pixel's weight in that average (0/1 weights from
+    :func:`last_cover_weights` make it "each pixel from the last patch covering it")."""
     n, p = idx.shape
     c = patches.shape[1]
     vals = patches.reshape(b, n, c, p).permute(0, 2, 1, 3).reshape(b, c, n * p)
     flat = idx.reshape(-1).to(patches.device)
     npix = math.prod(spatial)
+    if weights is not None:
+        w = weights.reshape(-1).to(device=patches.device, dtype=patches.dtype)
+        vals = vals * w
+        counts = torch.zeros(npix, dtype=patches.dtype, device=patches.device).index_add(0, flat, w)
+    else:
+        counts = torch.bincount(flat, minlength=npix).to(patches.dtype)
     out = torch.zeros(b, c, npix, dtype=patches.dtype, device=patches.device).index_add(2, flat, vals)
-    counts = torch.bincount(flat, minlength=npix).to(patches.dtype)
     out = torch.where(counts > 0, out / counts.clamp_min(1), torch.full_like(out, fill))
     return out.reshape(b, c, *spatial)
 
 
+def last_cover_weights(idx: torch.Tensor, npix: int) -> torch.Tensor:
+    """0/1 weights (n_patches, prod(patch)): 1 where patch i is the last (highest index) covering that pixel.
+
+    The reference's ``denoisedTile`` writes its patches in grid order, so a later patch overwrites the pixels
+    it shares with an earlier one; patch order here is the same row-major grid order (:func:`patch_indices`).
+    """
+    n, p = idx.shape
+    owner = torch.full((npix,), -1, dtype=torch.long)
+    order = torch.arange(n).repeat_interleave(p)
+    owner = owner.scatter_reduce(0, idx.reshape(-1).cpu(), order, reduce="amax")
+    return (owner[idx.cpu()] == torch.arange(n)[:, None]).to(torch.float64)
+
+
 # ---------------------------------------------------------------------------------------------- denoiser
+
+
+PATCH_MODES = {
+    "stitch": "PaDIS: non-overlapping grid, new random shift per evaluation",
+    "overlap": "half-overlapping grid (stride P/2), random shift, averaged",
+    "average": "paper's Patch Averaging row: fixed grid, stride P - overlap, averaged",
+    "tile": "paper's Patch Stitching row: fixed grid, stride P - overlap, last patch wins",
+}
+FIXED_GRID_MODES = ("average", "tile")
+
+
+def mode_stride(mode: str, size: int, overlap: int = 8) -> int:
+    """Grid stride along an axis with patches of ``size`` in a :data:`PATCH_MODES` mode."""
+    if mode == "stitch":
+        return size
+    if mode == "overlap":
+        return max(1, size // 2)
+    return max(1, size - overlap)
+
+
+def mode_tiling(length: int, pad: int, size: int, mode: str, overlap: int = 8) -> AxisTiling | None:
+    """The grid of a :data:`PATCH_MODES` mode along one axis, or None if none fits.
+
+    Random-shift modes: :func:`axis_tiling` (most admissible origins). Fixed-grid modes: the reference's
+    ``denoisedOverlap`` loop - start at the image's first pixel (origin = pad), add patches every stride until
+    the image's last pixel is covered - moved back towards 0 only if it would leave the padded image.
+    """
+    stride = mode_stride(mode, size, overlap)
+    if mode not in FIXED_GRID_MODES:
+        return axis_tiling(length, pad, size, stride)
+    if size < 1 or overlap >= size:
+        return None
+    k = max(1, math.ceil((length - size) / stride) + 1)
+    extent = (k - 1) * stride + size
+    origin = min(pad, length + 2 * pad - extent)
+    return AxisTiling(length, pad, size, stride, k, origin, origin) if origin >= 0 else None
 
 
 class PatchDenoiser(Denoiser):
@@ -225,15 +290,22 @@ class PatchDenoiser(Denoiser):
     draws a new grid origin (from ``generator``), runs all patches of all batch elements through ``inner``
     in chunks of ``max_batch``, stitches (``mode="stitch"``) or averages half-overlapping patches
     (``mode="overlap"``), and sets the padding ring to ``pad_value``. ``patch_shape`` is (P, P) or (d, P, P).
+    ``mode="average"`` / ``"tile"`` are the paper's ablation rows (fixed grid with ``overlap`` pixels between
+    neighbours; averaged, or each pixel from the last patch covering it): see :data:`PATCH_MODES`.
     ``reference``: the image lengths per axis the prior was trained on (:func:`reference_lengths`), so that
     images of any other size get coordinates with the trained meaning (:func:`coordinate_channels`).
     """
 
     def __init__(self, inner: Callable[..., torch.Tensor], patch_shape: Sequence[int], pad: Sequence[int], *,
                  mode: str = "stitch", max_batch: int = 256, pad_value: float = 0.0,
-                 generator: torch.Generator | None = None, reference: Sequence[int] | None = None) -> None:
-        if mode not in ("stitch", "overlap"):
-            raise ConfigError(f"unknown patch mode {mode!r}", fix="use 'stitch' (PaDIS) or 'overlap'")
+                 generator: torch.Generator | None = None, reference: Sequence[int] | None = None,
+                 overlap: int = 8) -> None:
+        if mode not in PATCH_MODES:
+            raise ConfigError(f"unknown patch mode {mode!r}",
+                              fix="use one of " + ", ".join(f"{k!r} ({v})" for k, v in PATCH_MODES.items()))
+        if int(overlap) < 0:
+            raise ConfigError(f"patch overlap must be >= 0 (got {overlap})", fix="the reference uses 8 pixels")
+        self.overlap = int(overlap)
         if len(patch_shape) not in (2, 3) or len(pad) != len(patch_shape):
             raise ValueError(f"patch_shape {patch_shape} and pad {pad} must both have 2 or 3 entries")
         self.inner, self.mode = inner, mode
@@ -251,17 +323,38 @@ class PatchDenoiser(Denoiser):
     def tilings(self, spatial: Sequence[int]) -> list[AxisTiling]:
         """Per-axis grids for a padded spatial shape (ConfigError naming valid patch sizes if none exists)."""
         out = []
+        nd = len(self.patch_shape)
         for a, (r, p, size) in enumerate(zip(spatial, self.pad, self.patch_shape, strict=True)):
             length = r - 2 * p
-            stride = size if self.mode == "stitch" else max(1, size // 2)
-            t = axis_tiling(length, p, size, stride)
+            overlap = self.overlap
+            if self.mode in FIXED_GRID_MODES and overlap >= size:
+                if a < nd - 2:   # slab depth d <= overlap: slabs at every slice (stride 1)
+                    overlap = size - 1
+                else:
+                    raise ConfigError(f"patch_overlap {overlap} must be smaller than the patch size {size} (mode "
+                                      f"{self.mode!r} steps the grid by size - overlap)",
+                                      fix=f"set patch_overlap below {size} (the reference: 8 for 56-pixel patches)")
+            t = mode_tiling(length, p, size, self.mode, overlap)
             if t is None:
-                ok = valid_patch_sizes(length, p, range(1, length + 2 * p + 1))
+                ok = [q for q in range(1, length + 2 * p + 1)
+                      if mode_tiling(length, p, q, self.mode, overlap) is not None]
                 raise ConfigError(
                     f"no patch grid of size {size} fits axis {a} (image {length}, padding {p}): the grid must "
                     f"cover the image and stay inside the padded image", fix=f"use a patch size in {ok[-8:]}")
             out.append(t)
         return out
+
+    def grid(self, spatial: Sequence[int]) -> torch.Tensor:
+        """Patch indices (n_patches, prod(patch)) of this evaluation's grid (sets ``last_origin``): a new random
+        origin per call for "stitch"/"overlap", the fixed largest admissible origin for "average"/"tile"."""
+        spatial = tuple(int(n) for n in spatial)
+        tilings = self.tilings(spatial)
+        if self.mode in FIXED_GRID_MODES:
+            origin = tuple(t.hi for t in tilings)
+        else:
+            origin = tuple(int(torch.randint(t.lo, t.hi + 1, (1,), generator=self.generator)) for t in tilings)
+        self.last_origin = origin
+        return patch_indices(spatial, self.patch_shape, [t.starts(o) for t, o in zip(tilings, origin, strict=True)])
 
     def coords(self, spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (spatial, device, dtype)
@@ -277,10 +370,7 @@ class PatchDenoiser(Denoiser):
         if x.ndim != 2 + nd:
             raise ValueError(f"expected (B, C, {'Z, ' if nd == 3 else ''}Y, X) padded images, got {tuple(x.shape)}")
         b, spatial = x.shape[0], tuple(x.shape[2:])
-        tilings = self.tilings(spatial)
-        origin = tuple(int(torch.randint(t.lo, t.hi + 1, (1,), generator=self.generator)) for t in tilings)
-        self.last_origin = origin
-        idx = patch_indices(spatial, self.patch_shape, [t.starts(o) for t, o in zip(tilings, origin, strict=True)])
+        idx = self.grid(spatial)
         patches = extract_patches(x, idx, self.patch_shape)                        # (B n, C, *P)
         coords = extract_patches(self.coords(spatial, x.device, x.dtype)[None], idx, self.patch_shape)
         if nd == 3:
@@ -294,7 +384,8 @@ class PatchDenoiser(Denoiser):
         out = torch.cat(outs)
         if nd == 3:
             out = from_slab_channels(out, self.patch_shape[0])
-        d = stitch_patches(out, idx, spatial, b, self.pad_value)
+        weights = last_cover_weights(idx, math.prod(spatial)) if self.mode == "tile" else None
+        d = stitch_patches(out, idx, spatial, b, self.pad_value, weights)
         return torch.where(ring_mask(spatial, self.pad, x.device), torch.full_like(d, self.pad_value), d)
 
 

@@ -80,7 +80,7 @@ from medrecon.diffusion.latent import LatentPrior, randn_like_gen
 from medrecon.diffusion.schedules import VPSchedule, ddim_step, diffuse
 from medrecon.errors import ConfigError
 from medrecon.methods.resample import minimise_mse
-from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.physics.operator import LinearOperator
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
@@ -234,7 +234,7 @@ def _finish(method: str, p: dict[str, Any], lay: SliceLayout, outs: list[torch.T
 
 
 @register_method(
-    "dcdp", defaults=DCDP_DEFAULTS, prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    "dcdp", defaults=DCDP_DEFAULTS, prior="slice", loader=SLICE_PRIOR_LOADER,
     paper="Li, Kwon, Liang, Alkhouri, Ravishankar, Qu: Decoupled Data Consistency with Diffusion Purification for "
           "Image Restoration, arXiv 2403.06054, 2024", memory_copies=64, init="param")
 def dcdp(problem: ReconProblem, params: dict, prior: Prior,

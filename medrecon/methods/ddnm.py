@@ -68,6 +68,7 @@ from medrecon.diffusion.schedules import ddim_step, diffuse
 from medrecon.errors import ConfigError
 from medrecon.methods.sampling import (
     DTYPES,
+    SLICE_PRIOR_LOADER,
     SliceLayout,
     check_params,
     reset_nfe,
@@ -147,7 +148,7 @@ def ddnm_plus_coefficients(a: float, s: float, sigma: float, eta: float) -> tupl
 
 
 @register_method(
-    "ddnm", defaults=DDNM_DEFAULTS, prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    "ddnm", defaults=DDNM_DEFAULTS, prior="slice", loader=SLICE_PRIOR_LOADER,
     paper="Wang, Yu, Zhang: Zero-Shot Image Restoration Using Denoising Diffusion Null-Space Model, ICLR 2023",
     memory_copies=64, init="param")
 def ddnm(problem: ReconProblem, params: dict, prior: Prior,
@@ -178,7 +179,7 @@ def ddnm(problem: ReconProblem, params: dict, prior: Prior,
         return grid[n_run - 1 - k] if k >= 0 else -1
 
     def randn(shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
+        return lay.noise(shape, generator)
 
     t_start = time.perf_counter()
     outs, lambdas = [], []

@@ -39,6 +39,7 @@ from medrecon.diffusion.schedules import ddim_step, diffuse
 from medrecon.errors import ConfigError
 from medrecon.methods.sampling import (
     DTYPES,
+    SLICE_PRIOR_LOADER,
     SliceLayout,
     check_params,
     reset_nfe,
@@ -59,7 +60,7 @@ DDS_DEFAULTS: dict[str, Any] = {
 
 
 @register_method(
-    "dds", defaults=DDS_DEFAULTS, prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    "dds", defaults=DDS_DEFAULTS, prior="slice", loader=SLICE_PRIOR_LOADER,
     paper="Chung, Lee, Ye: Decomposed Diffusion Sampler for Accelerating Large-Scale Inverse Problems, ICLR 2024",
     memory_copies=64, init="param")
 def dds(problem: ReconProblem, params: dict, prior: Prior,
@@ -90,7 +91,7 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
         shape = lay.batch_shape(n)
         cond = prior.batch_cond(n)
         state = ZTVState()
-        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
+        x = lay.noise(shape, generator)
         if start_image is not None:     # CCDF: the starting image diffused forward to the first step's level
             x = diffuse(lay.batch(start_image.expand(n, *lay.image_shape)), sched.alpha_bar(pairs[0][0]), x)
         with torch.no_grad():
@@ -109,7 +110,7 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
                 x0 = lay.batch(xi)
                 if report:
                     report(xi, t=int(t), sigma=float(sigma))
-                noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype) \
+                noise = lay.noise(shape, generator) \
                     if t_next >= 0 else None
                 x = ddim_step(x0, eps, ab, ab_next, float(p["eta"]), noise, p["eta_convention"])
         outs.append(lay.image(x, n))

@@ -74,6 +74,7 @@ from medrecon.diffusion.denoiser import Prior
 from medrecon.errors import ConfigError, InputError
 from medrecon.methods.sampling import (
     DTYPES,
+    SLICE_PRIOR_LOADER,
     SliceLayout,
     check_params,
     reset_nfe,
@@ -191,7 +192,7 @@ def _corrector_step(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, snr: floa
 
 @register_method(
     "diffusionmbir", defaults=MBIR_DEFAULTS, prior="slice",
-    loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    loader=SLICE_PRIOR_LOADER,
     paper="Chung, Ryu, McCann, Klasky, Ye: Solving 3D Inverse Problems using Pre-trained 2D Diffusion Models, "
           "CVPR 2023", memory_copies=64, init="param")
 def diffusionmbir(problem: ReconProblem, params: dict, prior: Prior,
@@ -231,7 +232,7 @@ def diffusionmbir(problem: ReconProblem, params: dict, prior: Prior,
     report = StepReporter(problem.progress, n_run, len(chunks))
 
     def noise(shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
+        return lay.noise(shape, generator)
 
     for n in chunks:
         shape = lay.batch_shape(n)

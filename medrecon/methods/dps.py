@@ -43,7 +43,7 @@ import torch
 from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddpm_step
 from medrecon.errors import ConfigError
-from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
@@ -51,7 +51,7 @@ from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 @register_method(
     "dps", defaults={"steps": 1000, "zeta": 1.0, "guidance": "norm", "samples": 1, "sample_batch": None,
                      "dtype": "float32"},
-    prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    prior="slice", loader=SLICE_PRIOR_LOADER,
     paper="Chung, Kim, McCann, Klasky, Ye: Diffusion Posterior Sampling for General Noisy Inverse Problems, ICLR 2023",
     memory_copies=128)
 def dps(problem: ReconProblem, params: dict, prior: Prior,
@@ -76,7 +76,7 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
     for n in chunks:
         shape = lay.batch_shape(n)
         cond = prior.batch_cond(n)
-        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
+        x = lay.noise(shape, generator)
         for t, t_next in pairs:
             ab, ab_next = sched.alpha_bar(t), sched.alpha_bar(t_next)
             sigma = ((1 - ab) / ab).sqrt()
@@ -93,7 +93,7 @@ def dps(problem: ReconProblem, params: dict, prior: Prior,
                 step = zeta * float((1 - alpha) / alpha.sqrt())
             grad = lay.canvas.zero_padding(grad)
             with torch.no_grad():
-                noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype) \
+                noise = lay.noise(shape, generator) \
                     if t_next >= 0 else None
                 x = ddpm_step(x, x0.detach(), ab, ab_next, noise) - step * grad
             if report:

@@ -43,7 +43,7 @@ from medrecon.diffusion.dc import pinv_normal
 from medrecon.diffusion.denoiser import Prior
 from medrecon.diffusion.schedules import ddpm_step
 from medrecon.errors import ConfigError
-from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, reset_nfe, sample_chunks
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
@@ -51,7 +51,7 @@ from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 @register_method(
     "mcg", defaults={"steps": 1000, "zeta": 1.0, "lamb": 1.0, "cg_iter": 30, "cg_tol": 1e-6, "samples": 1,
                      "sample_batch": None, "dtype": "float32"},
-    prior="slice", loader="medrecon.diffusion.checkpoint:prior_from_checkpoint",
+    prior="slice", loader=SLICE_PRIOR_LOADER,
     paper="Chung, Sim, Ryu, Ye: Improving Diffusion Models for Inverse Problems using Manifold Constraints, "
           "NeurIPS 2022",
     memory_copies=128)
@@ -78,7 +78,7 @@ def mcg(problem: ReconProblem, params: dict, prior: Prior,
         aty = op.adjoint(lay.y)
 
     def randn(shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(problem.y.device, lay.dtype)
+        return lay.noise(shape, generator)
 
     t_start = time.perf_counter()
     outs, last_norm = [], []

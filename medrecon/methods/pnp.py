@@ -74,11 +74,9 @@ from medrecon.diffusion.canvas import prior_background
 from medrecon.diffusion.dc import absolute_dc_weights, cg_normal, operator_norm_sq
 from medrecon.diffusion.denoiser import Prior
 from medrecon.errors import ConfigError
-from medrecon.methods.sampling import DTYPES, SliceLayout, check_params, reset_nfe
+from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, reset_nfe
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
-
-_LOADER = "medrecon.diffusion.checkpoint:prior_from_checkpoint"
 
 # Defaults chosen on 4 slices of a held-out 64 x 64 chest phantom (seed 200, 5 mm pixels), parallel beam, Poisson
 # noise I0 = 1e5, with the shipped phantom slice prior data/priors/ct_slice.pt (PSNR in the [-1000, 1000] HU window;
@@ -179,7 +177,7 @@ def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
 
 
 @register_method(
-    "pnp_admm", defaults=PNP_ADMM_DEFAULTS, prior="slice", loader=_LOADER, init="param", memory_copies=64,
+    "pnp_admm", defaults=PNP_ADMM_DEFAULTS, prior="slice", loader=SLICE_PRIOR_LOADER, init="param", memory_copies=64,
     paper="Venkatakrishnan, Bouman, Wohlberg: Plug-and-Play Priors for Model Based Reconstruction, GlobalSIP "
           "2013 (learned denoiser: Zhang et al., DPIR, TPAMI 2021)")
 def pnp_admm(problem: ReconProblem, params: dict, prior: Prior,
@@ -216,7 +214,7 @@ def pnp_admm(problem: ReconProblem, params: dict, prior: Prior,
 
 
 @register_method(
-    "pnp_red", defaults=PNP_RED_DEFAULTS, prior="slice", loader=_LOADER, init="param", memory_copies=64,
+    "pnp_red", defaults=PNP_RED_DEFAULTS, prior="slice", loader=SLICE_PRIOR_LOADER, init="param", memory_copies=64,
     paper="Romano, Elad, Milanfar: The Little Engine that Could: Regularization by Denoising (RED), SIAM J. "
           "Imaging Sciences 2017")
 def pnp_red(problem: ReconProblem, params: dict, prior: Prior,

@@ -22,6 +22,8 @@ from medrecon.recon.registry import ReconProblem, validate_params
 
 # The ``dtype`` parameter of every sampler.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# The loader of the whole-slice prior (training kind "slice") that most samplers take.
+SLICE_PRIOR_LOADER = "medrecon.diffusion.checkpoint:prior_from_checkpoint"
 
 
 def check_params(method: str, params: dict | None) -> dict[str, Any]:
@@ -110,6 +112,11 @@ class SliceLayout:
 
     def batch_shape(self, n: int) -> tuple[int, ...]:
         return (n * self.n_slices, self.prior.channels, *self.canvas.shape)
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        """Standard normal noise of ``shape`` on the problem's device in the sampler's dtype, drawn in float64 from
+        the (CPU) generator: one seed gives the same chain in float32 and float64 and on any device."""
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(self.problem.y.device, self.dtype)
 
     def residual_norms(self, x_image: torch.Tensor) -> torch.Tensor:
         """||y - A x|| per operator application (Hermitian for complex data)."""

@@ -114,6 +114,7 @@ PRIORS = {
     "dcdp_latent": lambda: latent_prior("autoencoder"),
     "pnp_admm": slice_prior, "pnp_red": slice_prior,
     "diffusionmbir": slice_prior,
+    "ddrm": slice_prior, "tilted": slice_prior,
 }
 PARAMS = {
     "dds": {"steps": 3}, "dps": {"steps": 3, "zeta": 1e-3}, "diffusionblend": {"steps": 3},
@@ -128,6 +129,10 @@ PARAMS = {
     "dcdp_latent": {"steps": 3, "t_start": 100, "ddim_steps": 2},
     "pnp_admm": {"iterations": 3}, "pnp_red": {"iterations": 3},
     "diffusionmbir": {"steps": 3},
+    # ct_problem records no noise level; ddrm and tilted need one (sigma* = 0.01 / ||A|| in prior units lies
+    # between the schedule's 2nd and 3rd trained sigma for 101 x 122, so tilted's stage 2 has 2 steps there)
+    "ddrm": {"steps": 3, "sigma_y": 0.01},
+    "tilted": {"steps": 2, "ula_steps": 0, "sigma_y": 0.01},
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
 HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample", "ddnm", "mcg"}
