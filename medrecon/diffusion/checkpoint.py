@@ -288,20 +288,35 @@ def load_checkpoint(path: str | Path, expect_modality: str | None = None, expect
                        data=c["data"], provenance=c.get("provenance", {}))
 
 
+def checkpoint_plane(train_config: dict[str, Any]) -> str:
+    """The plane a slice prior was trained on (``train.plane``; checkpoints from before planes: axial)."""
+    return str((train_config or {}).get("plane") or "axial")
+
+
 def prior_from_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, image_units: str = "native",
                           mu_water: float | None = None, expect_modality: str | None = None,
                           expect_normalisation: dict[str, Any] | None = None, ema: bool = True,
-                          clip: float | tuple[float, float] | None = None) -> Any:
+                          clip: float | tuple[float, float] | None = None,
+                          expect_plane: str | tuple[str, ...] | None = "axial") -> Any:
     """A :class:`medrecon.diffusion.denoiser.Prior` for a slice prior checkpoint.
 
     The denoiser is an ``EpsilonDenoiser`` (VP schedule) or an ``EDMDenoiser`` as trained; ``scale`` and
     ``offset`` come from the stored normalisation (:func:`medrecon.diffusion.normalisation.prior_affine`),
     for images in ``image_units`` (``"native"``, or ``"attenuation"`` for CT with ``mu_water``).
+    ``expect_plane``: the plane(s) the prior must have been trained on (axial by default: every slice
+    sampler denoises axial slices; TPDM's perpendicular prior asks for coronal or sagittal); None = any.
     """
     from medrecon.diffusion.denoiser import EDMDenoiser, EpsilonDenoiser, Prior
 
     lp = load_checkpoint(path, expect_modality=expect_modality, expect_kind="slice",
                          expect_normalisation=expect_normalisation, device=device, ema=ema)
+    plane = checkpoint_plane(lp.train_config)
+    wanted = (expect_plane,) if isinstance(expect_plane, str) else expect_plane
+    if wanted is not None and plane not in wanted:
+        raise InputError(f"slice prior {lp.path} was trained on {plane} planes, but {' or '.join(wanted)} planes "
+                         "were expected here.", path=lp.path,
+                         fix="axial samplers (dds, dps, ...) need a prior trained with plane: axial; TPDM takes "
+                             "[axial prior, coronal or sagittal prior], in that order")
     if lp.objective == "epsilon":
         if not isinstance(lp.schedule, VPSchedule):
             raise InputError(f"{lp.path}: an epsilon prior needs a VP schedule, found {lp.schedule}.",
@@ -314,7 +329,7 @@ def prior_from_checkpoint(path: str | Path, device: torch.device | str = "cpu", 
     scale, offset = prior_affine(lp.normalisation, image_units, mu_water)
     meta = {"checkpoint": str(lp.path), "hash": lp.hash, "kind": lp.kind, "modality": lp.modality,
             "objective": lp.objective, "normalisation": lp.normalisation, "step": lp.step,
-            "image_size": lp.spec.get("image_size"), "ema": lp.ema, "image_units": image_units}
+            "image_size": lp.spec.get("image_size"), "ema": lp.ema, "image_units": image_units, "plane": plane}
     return Prior(denoiser=denoiser, scale=scale, offset=offset, channels=int(lp.spec["in_channels"]),
                  cond=None, schedule=schedule, meta=meta)
 
@@ -378,6 +393,8 @@ def read_grid(path: str | Path) -> tuple[dict[str, Any] | None, bool, bool]:
     c = _load_hashed(p, FORMAT, "prior checkpoint",
                      fix="train the prior first (`medrecon train`) or fix the checkpoint path in the config")
     spec = (c.get("network") or {}).get("spec") or {}
-    uses_slices = c.get("kind") == "slab" or (c.get("kind") == "patch" and int(spec.get("coord_channels", 2)) == 3)
+    # slab priors, 3D patches and coronal/sagittal slice priors see the z pixel scale: the slice spacing counts
+    uses_slices = c.get("kind") == "slab" or (c.get("kind") == "patch" and int(spec.get("coord_channels", 2)) == 3) \
+        or checkpoint_plane(c.get("train_config", {})) != "axial"
     own = c.get("kind") != "latent" and any("shape" in d for d in c.get("data", []))
     return training_grid(c), uses_slices, own

@@ -22,6 +22,16 @@ tests) are padded to a square and resized to ``image_size`` in pixels (area aver
 bilinear when enlarging; ``fit="crop"`` centre-crops instead), and their checkpoint has no grid.
 Flips: left-right (``"x"``) by default; up-down
 (``"y"``) is optional because anterior-posterior flips are not anatomically plausible.
+
+Planes (``plane``, :data:`PLANES`): the slices are axial (the volume's (y, x) planes, one per z) by default; a
+``coronal`` prior sees the (z, x) planes, one per y, and a ``sagittal`` one the (z, y) planes, one per x (the
+perpendicular prior of TPDM, :mod:`medrecon.methods.tpdm`). Such planes are fitted like axial slices: on a
+grid padded with the background / centre-cropped to ``image_size`` without resampling, so a coronal prior
+learns the anatomy at the volume's own (possibly anisotropic) z and x pixel scales, which is exactly how the
+sampler shows it the volume; rows beyond ``image_size`` (a volume deeper than the grid's in-plane size) are
+centre-cropped in training, and the network, being convolutional, still takes the deeper planes when used.
+Off a grid they are padded to a square and resized in pixels like axial slices (their z scale then changes).
+A ``"y"`` flip of a coronal or sagittal plane flips z (head-foot).
 """
 
 from __future__ import annotations
@@ -60,10 +70,29 @@ def store_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-class VolumeSlices:
-    """Slices of several volumes with a memory bound: preload if all fit ``cache_bytes``, else an LRU of slabs."""
+# The planes a slice prior can be trained on, and the volume axis (z, y, x) each is indexed along: an axial slice
+# is volume[z], a coronal plane volume[:, y] (z, x), a sagittal plane volume[:, :, x] (z, y).
+PLANES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
-    def __init__(self, volumes: Sequence[Volume | str | Path], modality: str, cache_bytes: int = 1 << 30) -> None:
+
+def check_plane(plane: str) -> str:
+    """``plane`` if it is one of :data:`PLANES`, else a ConfigError naming them."""
+    if plane not in PLANES:
+        raise ConfigError(f"unknown slice plane {plane!r}", fix=f"use one of {list(PLANES)} (train.<name>.plane)")
+    return plane
+
+
+class VolumeSlices:
+    """Slices of several volumes with a memory bound: preload if all fit ``cache_bytes``, else an LRU of slabs.
+
+    ``plane`` picks which planes are the slices (:data:`PLANES`); off-axial planes read whole volumes into
+    the LRU (a coronal plane needs every z), still bounded by ``cache_bytes`` beyond the one volume in use.
+    """
+
+    def __init__(self, volumes: Sequence[Volume | str | Path], modality: str, cache_bytes: int = 1 << 30,
+                 plane: str = "axial") -> None:
+        self.plane = check_plane(plane)
+        self.axis = PLANES[plane]
         self.volumes = [v if isinstance(v, Volume) else Volume.open(v) for v in volumes]
         if not self.volumes:
             raise ConfigError("no training volumes given", fix="list at least one volume with role 'train'")
@@ -79,13 +108,16 @@ class VolumeSlices:
         self._full = [v.read() for v in self.volumes] if self.preloaded else None
         self._lru: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lru_bytes = 0
-        self.index = [(vi, z) for vi, v in enumerate(self.volumes) for z in range(v.shape[0])]
+        self.index = [(vi, k) for vi, v in enumerate(self.volumes) for k in range(v.shape[self.axis])]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def read(self, vi: int, z: int) -> np.ndarray:
-        """Slice ``z`` of volume ``vi`` (native units, float32, (y, x))."""
+        """Slice ``z`` of volume ``vi`` along the plane's axis (native units, float32): (y, x) for axial,
+        (z, x) for coronal, (z, y) for sagittal planes."""
+        if self.axis != 0:
+            return np.take(self._volume(vi), z, axis=self.axis)
         if self._full is not None:
             return self._full[vi][z]
         vol = self.volumes[vi]
@@ -103,6 +135,29 @@ class VolumeSlices:
         else:
             self._lru.move_to_end(key)
         return slab[z - key[1] * depth]
+
+    def plane_shape(self, vi: int) -> tuple[int, int]:
+        """(rows, columns) of the slices of volume ``vi``: (y, x) axial, (z, x) coronal, (z, y) sagittal."""
+        shape = tuple(int(s) for s in self.volumes[vi].shape)
+        rows, cols = [s for a, s in enumerate(shape) if a != self.axis]
+        return rows, cols
+
+    def _volume(self, vi: int) -> np.ndarray:
+        """The whole volume ``vi`` (preloaded, or read into the LRU under the key (vi, -1))."""
+        if self._full is not None:
+            return self._full[vi]
+        key = (vi, -1)
+        vol = self._lru.get(key)
+        if vol is None:
+            vol = self.volumes[vi].read()
+            self._lru[key] = vol
+            self._lru_bytes += vol.nbytes
+            while self._lru_bytes > self.cache_bytes and len(self._lru) > 1:
+                _, old = self._lru.popitem(last=False)
+                self._lru_bytes -= old.nbytes
+        else:
+            self._lru.move_to_end(key)
+        return vol
 
     def strided_samples(self, vi: int) -> list[np.ndarray]:
         """|x| of volume ``vi`` subsampled with a fixed stride (<= ~4 M voxels), read slab by slab."""
@@ -151,7 +206,7 @@ def training_image_size(requested: int | None, source: VolumeSlices) -> int:
     if requested is not None:
         return int(requested)
     if grid is not None:
-        return int(max(max(v.shape[1:]) for v in source.volumes))
+        return int(max(max(source.plane_shape(vi)) for vi in range(len(source.volumes))))
     return 64
 
 
@@ -265,7 +320,8 @@ def training_phase(shape: tuple[int, int], rng: np.random.Generator, mode: str) 
 
 
 class SliceDataset(TrainingDataset):
-    """Single axial slices of training volumes, normalised, fitted to ``image_size`` and flipped at random."""
+    """Single slices of training volumes (axial, or the source's ``plane``), normalised, fitted to
+    ``image_size`` and flipped at random."""
 
     kind = "slice"
 
@@ -366,7 +422,7 @@ def build_slice_dataset(cfg: dict[str, Any], volumes: Sequence[str | Path | Volu
     if modality not in ("CT", "MR"):
         raise InputError(f"training volume {vols[0].path} has no CT/MR modality ({modality!r})",
                          path=vols[0].path, fix="set the subject's modality and re-ingest, or train.modality")
-    source = VolumeSlices(vols, modality, cache_bytes=cfg["cache_mb"] << 20)
+    source = VolumeSlices(vols, modality, cache_bytes=cfg["cache_mb"] << 20, plane=cfg.get("plane", "axial"))
     norm, per_volume = fit_normalisation(cfg["normalisation"] or default_normalisation(modality), source)
     channels = int(cfg["network"].get("in_channels", 1))
     ds = SliceDataset(source, norm, cfg["image_size"], channels=channels, fit=cfg["fit"], flips=cfg["flips"],

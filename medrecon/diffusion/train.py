@@ -49,7 +49,7 @@ from medrecon.config.options import fill_defaults
 from medrecon.device import pick_device
 from medrecon.diffusion.checkpoint import KINDS as CHECKPOINT_KINDS
 from medrecon.diffusion.checkpoint import load_resume, resume_path, save_checkpoint, save_resume
-from medrecon.diffusion.datasets import TrainingDataset, build_slice_dataset
+from medrecon.diffusion.datasets import PLANES, TrainingDataset, build_slice_dataset
 from medrecon.diffusion.denoiser import EDMDenoiser
 from medrecon.diffusion.kinds import register_kind
 from medrecon.diffusion.networks import build_unet, count_parameters, network_spec_defaults, resolve_unet_spec
@@ -80,6 +80,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "device": "auto",           # auto | cpu | cuda
     "amp": True,                # bf16 autocast, CUDA only
     "fit": "pad",               # pad | crop: how non-square slices become image_size x image_size
+    "plane": "axial",           # slice kind: axial | coronal | sagittal planes (datasets.PLANES; TPDM's 2nd prior)
     "flips": ["x"],             # random flips: subset of [x, y]
     "random_phase": False,      # MR, 2 channels: false, true (constant) or smooth (datasets.training_phase)
     "cache_mb": 1024,           # memory for training slices (preload if all fit, else LRU of slabs)
@@ -115,6 +116,9 @@ def resolve_train_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
         (c["image_size"] is None or int(c["image_size"]) >= 4, "image_size must be >= 4 (or null)"),
         (float(c["sigma_data"]) > 0, "sigma_data must be > 0"),
         (isinstance(c["network"], dict) and isinstance(c["schedule"], dict), "network/schedule must be mappings"),
+        (c["plane"] in PLANES, f"plane must be one of {list(PLANES)}"),
+        (c["plane"] == "axial" or c["kind"] == "slice",
+         "plane coronal/sagittal is for kind 'slice' only (the perpendicular prior of TPDM)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -324,7 +328,9 @@ def network_spec(cfg: dict[str, Any], dataset: TrainingDataset) -> dict[str, Any
 
 def _check_resume(state: dict[str, Any], cfg: dict[str, Any], data: list[dict[str, Any]], path: Path,
                   name: str) -> None:
-    old = {k: v for k, v in state["train_config"].items() if k not in _RESUME_MAY_CHANGE}
+    # an option added to TRAIN_DEFAULTS after the interrupted run started has its default there
+    added = {k: TRAIN_DEFAULTS[k] for k in cfg if k in TRAIN_DEFAULTS and k not in state["train_config"]}
+    old = {k: v for k, v in {**added, **state["train_config"]}.items() if k not in _RESUME_MAY_CHANGE}
     new = {k: v for k, v in cfg.items() if k not in _RESUME_MAY_CHANGE}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
