@@ -65,6 +65,14 @@ def slice_prior() -> Prior:
                  meta=_ct_meta("slice"))
 
 
+def perpendicular_priors() -> tuple[Prior, Prior]:
+    """TPDM's axial and coronal slice priors (two tiny networks)."""
+    coronal = slice_prior()
+    coronal.denoiser.net = _net(_spec("slice"), seed=1)
+    coronal.meta = {**coronal.meta, "plane": "coronal"}
+    return slice_prior(), coronal
+
+
 def slab_prior() -> Prior:
     scale, offset = prior_affine(CT_NORM, "attenuation", MU_WATER)
     net = _net(_spec("slab", in_channels=3, out_channels=3, num_class_embeds=2))
@@ -111,6 +119,7 @@ PRIORS = {
     "resample": lambda: latent_prior("autoencoder"), "latent_dps": lambda: latent_prior("space_to_depth"),
     "ddnm": slice_prior, "mcg": slice_prior,
     "dcdp": slice_prior,
+    "tpdm": perpendicular_priors,
     "dcdp_latent": lambda: latent_prior("autoencoder"),
     "pnp_admm": slice_prior, "pnp_red": slice_prior,
     "diffusionmbir": slice_prior,
@@ -126,6 +135,7 @@ PARAMS = {
     "latent_dps": {"steps": 3, "dps_scale": 1e-3},
     "ddnm": {"steps": 3}, "mcg": {"steps": 3, "zeta": 1e-3},
     "dcdp": {"steps": 3, "t_start": 100, "ddim_steps": 2},
+    "tpdm": {"steps": 3},
     "dcdp_latent": {"steps": 3, "t_start": 100, "ddim_steps": 2},
     "pnp_admm": {"iterations": 3}, "pnp_red": {"iterations": 3},
     "diffusionmbir": {"steps": 3},
