@@ -178,6 +178,9 @@ def not_applicable(name: str) -> str | None:
     if spec.prior != "slice":
         return (f"n/a: needs a {spec.prior!r} prior (the analytic problems provide an exact per-slice denoiser, "
                 "not a slab/patch/latent model)")
+    if name == "tpdm":
+        return ("n/a: needs two perpendicular slice priors of a 3D volume (the analytic problems are one slice); "
+                "with an exact separable prior it equals DDS, tests/methods/test_tpdm.py")
     return None
 
 
