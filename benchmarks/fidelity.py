@@ -170,6 +170,11 @@ EXTRA: dict[str, tuple[str, dict[str, dict]]] = {
 }
 
 
+# Slice-prior samplers that need a 3D volume, which the analytic problems (one slice) are not.
+VOLUME_ONLY = {"tpdm": "n/a: needs two perpendicular 'slice' priors of a 3D volume (the analytic problems are one "
+                       "slice); with an exact separable prior it equals DDS, tests/methods/test_tpdm.py"}
+
+
 def not_applicable(name: str) -> str | None:
     """Why a registered method cannot run on the analytic problems, or None if it can."""
     spec = load_all()[name]
@@ -178,10 +183,7 @@ def not_applicable(name: str) -> str | None:
     if spec.prior != "slice":
         return (f"n/a: needs a {spec.prior!r} prior (the analytic problems provide an exact per-slice denoiser, "
                 "not a slab/patch/latent model)")
-    if name == "tpdm":
-        return ("n/a: needs two perpendicular slice priors of a 3D volume (the analytic problems are one slice); "
-                "with an exact separable prior it equals DDS, tests/methods/test_tpdm.py")
-    return None
+    return VOLUME_ONLY.get(name)
 
 
 def _run_method(method: str, params: dict, prob: ReconProblem, prior: object, n: int, seed: int):
