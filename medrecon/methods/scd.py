@@ -64,6 +64,11 @@ class Chain:
     to_image: Callable[[torch.Tensor, int], torch.Tensor]
     to_state: Callable[[torch.Tensor], torch.Tensor]
     wrap: Callable[[Any], Any]
+    # the denoiser the adaptation steps use (default: ``wrap``'s); PaDIS's gets its own grid generator, so the
+    # chain's patch grids do not depend on how many adaptation steps ran
+    wrap_adapt: Callable[[Any], Any] | None = None
+    # the starting state of n samples (default: N(0, I), the reference's randn)
+    init: Callable[[int, torch.Tensor, torch.Generator | None], torch.Tensor] | None = None
 
 
 def check_scd_params(name: str, params: dict) -> dict[str, Any]:
@@ -87,11 +92,15 @@ def adaptation_steps(ts: list[int], skip: int) -> set[int]:
 
 
 def run_scd(name: str, problem: ReconProblem, p: dict[str, Any], prior: Prior, generator: torch.Generator | None,
-            chain: Chain) -> ReconResult:
-    """The SCD chain (module docstring) on any state layout; shared by ``scd`` and ``padis_ood``."""
+            chain: Chain, sigma_max: float | None = None) -> ReconResult:
+    """The SCD chain (module docstring) on any state layout; shared by ``scd`` and ``padis_ood``. ``sigma_max``
+    keeps only the grid's steps with sigma_t <= sigma_max (at least the last one)."""
     lay, op = chain.lay, chain.lay.op
     sched = prior.vp_schedule()
     pairs = sched.step_pairs(int(p["steps"]))
+    if sigma_max is not None:
+        kept = [(t, s) for t, s in pairs if float(((1 - sched.alpha_bar(t)) / sched.alpha_bar(t)).sqrt()) <= sigma_max]
+        pairs = kept or pairs[-1:]
     adapt_ts = adaptation_steps([t for t, _ in pairs], int(p["skip"]))
     with torch.no_grad():
         aty = op.adjoint(lay.y)
@@ -107,12 +116,14 @@ def run_scd(name: str, problem: ReconProblem, p: dict[str, Any], prior: Prior, g
     for n in chunks:
         base, adapter = adapt_denoiser(prior.denoiser, int(p["rank"]), generator)     # fresh: the base prior
         den = chain.wrap(base)
+        den_fit = den if chain.wrap_adapt is None else chain.wrap_adapt(base)
         opt = torch.optim.Adam(adapter.parameters(), lr=float(p["lr"]), weight_decay=0.0)
         cond = prior.batch_cond(n)
-        x = lay.noise(chain.shape(n), generator)
+        x = lay.noise(chain.shape(n), generator) if chain.init is None \
+            else chain.init(n, sched.alpha_bar(pairs[0][0]), generator)
         pass_losses: list[float] = []
 
-        def corrected(x_t: torch.Tensor, ab: torch.Tensor, sigma: torch.Tensor, n: int = n, den: Any = den,
+        def corrected(x_t: torch.Tensor, ab: torch.Tensor, sigma: torch.Tensor, den: Any = den, n: int = n,
                       cond: Any = cond) -> tuple[torch.Tensor, torch.Tensor]:
             x0 = den(x_t / ab.sqrt().to(lay.dtype), sigma.to(lay.dtype), cond)
             return x0, cg_prox(op, chain.to_image(x0, n), aty, gamma, cg_iter, n_batch)
@@ -126,8 +137,9 @@ def run_scd(name: str, problem: ReconProblem, p: dict[str, Any], prior: Prior, g
                 eps = ((x - ab.sqrt() * x0_base) / (1 - ab).sqrt()).to(lay.dtype)
             adapter.set_scale(1.0)
             if t in adapt_ts and iters:
-                def loss_fn(x: torch.Tensor = x, ab: torch.Tensor = ab, sigma: torch.Tensor = sigma) -> torch.Tensor:
-                    _, u = corrected(x, ab, sigma)
+                def loss_fn(x: torch.Tensor = x, ab: torch.Tensor = ab, sigma: torch.Tensor = sigma,
+                            fit: Any = den_fit) -> torch.Tensor:
+                    _, u = corrected(x, ab, sigma, fit)
                     return adaptation_loss(op, lay.y, u, tv, y_power, prior.scale)
                 pass_losses.extend(train_steps(adapter, opt, loss_fn, iters))
                 passes += iters
