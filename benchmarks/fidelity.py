@@ -174,6 +174,11 @@ EXTRA: dict[str, tuple[str, dict[str, dict]]] = {
 VOLUME_ONLY = {"tpdm": "n/a: needs two perpendicular 'slice' priors of a 3D volume (the analytic problems are one "
                        "slice); with an exact separable prior it equals DDS, tests/methods/test_tpdm.py"}
 
+# slice-prior samplers that adapt a trained network's weights (LoRA), which the exact analytic denoisers do not have
+NETWORK_ONLY = {"scd": "n/a: adapts the weights of a trained 'slice' network (LoRA) to the measurement; the analytic "
+                       "problems' exact denoisers have none. Its exact checks (LoRA off = the base chain, an exact "
+                       "Gaussian network with a learnt mean shift) are in tests/methods/test_scd.py"}
+
 
 def not_applicable(name: str) -> str | None:
     """Why a registered method cannot run on the analytic problems, or None if it can."""
@@ -183,7 +188,7 @@ def not_applicable(name: str) -> str | None:
     if spec.prior != "slice":
         return (f"n/a: needs a {spec.prior!r} prior (the analytic problems provide an exact per-slice denoiser, "
                 "not a slab/patch/latent model)")
-    return VOLUME_ONLY.get(name)
+    return VOLUME_ONLY.get(name) or NETWORK_ONLY.get(name)
 
 
 def _run_method(method: str, params: dict, prob: ReconProblem, prior: object, n: int, seed: int):

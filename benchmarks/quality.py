@@ -172,6 +172,15 @@ SAMPLER_PARAMS["tilted"] = {"ula_steps": 200}
 # SCr 0.95, 0.036; aux_dc: true 15.86/16.06, SCr 0.90, 0.028. One held-out volume, one seed: differences of a few
 # tenths of a dB are within what another volume or seed moves.
 SAMPLER_PARAMS["tpdm"] = {"steps": 50}
+# SCD / padis_ood: self-supervised LoRA adaptation to each measurement (medrecon/methods/scd.py, padis_ood.py); about
+# 5-8x DDS's cost at the reference settings, so a shorter grid here (adaptation at every 5th step + the last 4,
+# 6 Adam steps each). Not tuned; the OOD comparison (prior of another anatomy) is the issue 17 table.
+CT_METHODS += ["scd", "padis_ood"]
+MR_METHODS += ["scd", "padis_ood"]
+PRIOR_OF["CT"].update({"scd": "slice", "padis_ood": "patch"})
+PRIOR_OF["MR"].update({"scd": "mr_slice", "padis_ood": "mr_patch"})
+SAMPLER_PARAMS["scd"] = {"steps": 50, "adapt_iters": 6, "skip": 5}
+SAMPLER_PARAMS["padis_ood"] = {"steps": 50, "adapt_iters": 6, "skip": 5}
 
 # PaDIS patch geometry for 64 x 64 slices: 8 pixels of padding, 16 and 32 pixel patches.
 PATCH_2D = {"pad_width": 8, "patch_sizes": [16, 32], "patch_probs": [0.5, 0.5]}

@@ -9,6 +9,8 @@ attributes so the evaluate step reads them from the job's own record.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import shutil
 import time
@@ -236,6 +238,38 @@ def _solve(method: str, problem: ReconProblem, params: dict, prior: Any, generat
     return result, record
 
 
+def write_artifacts(out: Path, info: dict[str, Any], y: torch.Tensor, slab_index: int | None = None
+                    ) -> dict[str, Any]:
+    """A method's outputs besides the image, written beside the reconstruction; ``info`` with their records.
+
+    A method may return ``info["artifacts"] = {name: bytes or a torch-saveable object}`` (e.g. the LoRA weights
+    scd/padis_ood adapted to this measurement). Each is written to ``<out>.<name>.pt`` (``<out>.<name>.slab<i>.pt``
+    for slab i of a slab-wise run) and replaced in ``info`` by its path, sha256 and size and the sha256 of the
+    measurement it was made from, so the provenance names which subject a file belongs to. Nothing reads these
+    files back: every run adapts from its base prior.
+    """
+    arts = info.get("artifacts")
+    if not arts:
+        return info
+    measured = hashlib.sha256(y.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    records = {}
+    for name, obj in arts.items():
+        if isinstance(obj, bytes):
+            data = obj
+        else:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            data = buf.getvalue()
+        path = out.with_name(f"{out.name}.{name}{'' if slab_index is None else f'.slab{slab_index}'}.pt")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        records[name] = {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                         "measurement_sha256": measured}
+    return {**info, "artifacts": records}
+
+
 def _write(out: Path, images: np.ndarray, geometry: Any, meta: dict[str, Any]) -> None:
     """Posterior mean as the volume; the std beside it (``<out>/std``) when there are several samples."""
     with Volume.create(out, images.shape[1:], geometry, meta) as w:
@@ -334,10 +368,11 @@ def reconstruct(measurement_path: str | Path, out: str | Path, method: str, conf
                  slab.index + 1, len(plan), slab.lo, slab.hi - 1, record["runtime_s"], record["nfe"],
                  record["data_residual"])
         images = to_output_units(result.samples, meas)
+        info = write_artifacts(out, result.info, problem.y, None if target is None else slab.index)
         if target is None:       # the whole volume in one piece
-            _write(out, images, meas.image_geometry, {**meta, "record": record, "info": result.info})
+            _write(out, images, meas.image_geometry, {**meta, "record": record, "info": info})
             return Volume.open(out)
-        slab_meta = {**meta, "record": record, "info": result.info, "config_digest": digest,
+        slab_meta = {**meta, "record": record, "info": info, "config_digest": digest,
                      "slab": {"index": slab.index, "count": len(plan), "depth": meas.image_shape[0],
                               "range": [slab.start, slab.stop, slab.lo, slab.hi], "halo": settings["halo"],
                               "volume_geometry": meas.image_geometry.to_dict()}}

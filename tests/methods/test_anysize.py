@@ -124,6 +124,8 @@ PRIORS = {
     "pnp_admm": slice_prior, "pnp_red": slice_prior,
     "diffusionmbir": slice_prior,
     "ddrm": slice_prior, "tilted": slice_prior,
+    "scd": slice_prior,
+    "padis_ood": lambda: patch_prior(None),
 }
 PARAMS = {
     "dds": {"steps": 3}, "dps": {"steps": 3, "zeta": 1e-3}, "diffusionblend": {"steps": 3},
@@ -143,6 +145,8 @@ PARAMS = {
     # between the schedule's 2nd and 3rd trained sigma for 101 x 122, so tilted's stage 2 has 2 steps there)
     "ddrm": {"steps": 3, "sigma_y": 0.01},
     "tilted": {"steps": 2, "ula_steps": 0, "sigma_y": 0.01},
+    "scd": {"steps": 3, "adapt_iters": 1},
+    "padis_ood": {"steps": 3, "adapt_iters": 1, "sigma_max": 1000.0},     # every step of the grid runs
 }
 # methods with hard data consistency: their output must fit the data far better than empty space does
 HARD_DC = {"dds", "diffusionblend", "diffusionblend++", "resample", "ddnm", "mcg"}

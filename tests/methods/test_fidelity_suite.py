@@ -27,8 +27,9 @@ def test_every_sampler_is_in_the_suite_or_listed_with_its_reason(fidelity):
     samplers = {n for n, s in load_all().items() if s.prior is not None}
     for name in samplers:
         why = fidelity.not_applicable(name)
-        # slice priors run (but those that need a volume), others say why
-        assert (why is None) == (load_all()[name].prior == "slice" and name not in fidelity.VOLUME_ONLY)
+        # slice priors run (but those that need a volume or a trained network to adapt), others say why
+        assert (why is None) == (load_all()[name].prior == "slice" and name not in fidelity.VOLUME_ONLY
+                                 and name not in fidelity.NETWORK_ONLY)
         if why:
             assert why.startswith("n/a: ") and load_all()[name].prior in why
     assert {"dds", "dps", "ddrm", "tilted"} <= set(fidelity.SUITE)
