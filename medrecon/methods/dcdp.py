@@ -249,7 +249,7 @@ def dcdp(problem: ReconProblem, params: dict, prior: Prior,
     p = _params("dcdp", p, prior, sched.num_train_steps)
     den = lay.denoiser
     reset_nfe(den)
-    dc = _DataConsistency(lay.op, lay.y, p, problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
+    dc = _DataConsistency(lay.op, lay.y, p, problem.adjoint_abs_max)
     timesteps = purification_timesteps(int(p["steps"]), int(p["t_start"]), int(p["t_end"]), p["schedule"])
     t0 = time.perf_counter()
     outs, dc_last, nfe = [], [], 0
@@ -296,7 +296,7 @@ def dcdp_latent(problem: ReconProblem, params: dict, prior: LatentPrior,
                       multiple=codec.factor * network_multiple(den))
     cz, h, w = codec.latent_shape(*lay.canvas.shape, path=problem.meta.get("path"))
     reset_nfe(den)
-    dc = _DataConsistency(lay.op, lay.y, p, problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
+    dc = _DataConsistency(lay.op, lay.y, p, problem.adjoint_abs_max)
     m_per_app = math.prod(lay.op.out_shape)
     threshold = max(float(p["stop_mse"]), float(p["noise_stop"]) * float(problem.noise_std or 0.0) ** 2)
     timesteps = purification_timesteps(int(p["steps"]), int(p["t_start"]), int(p["t_end"]), p["schedule"])

@@ -81,7 +81,7 @@ def dds(problem: ReconProblem, params: dict, prior: Prior,
     reset_nfe(den)
     with torch.no_grad():
         aty = op.adjoint(lay.y)
-    w = absolute_dc_weights(op, aty, p, problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
+    w = absolute_dc_weights(op, aty, p, problem.adjoint_abs_max)
     n_sys_dims = 1 + (len(lay.image_shape) - len(op.in_shape) if p["cg_per_slice"] else 0)
     t_start = time.perf_counter()
     outs = []

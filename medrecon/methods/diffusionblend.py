@@ -265,7 +265,7 @@ def blend_sample(problem: ReconProblem, params: dict | None, prior: Prior, gener
              for k in range(len(pairs))]
     with torch.no_grad():
         aty = op.adjoint(lay.y)
-    w = absolute_dc_weights(op, aty, p, problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
+    w = absolute_dc_weights(op, aty, p, problem.adjoint_abs_max)
     t_start = time.perf_counter()
     outs, res_prior, res_dc = [], [], []
     slab_evals = 0

@@ -221,7 +221,7 @@ def diffusionmbir(problem: ReconProblem, params: dict, prior: Prior,
     reset_nfe(den)
     with torch.no_grad():
         aty = op.adjoint(lay.y)
-    w = absolute_dc_weights(op, aty, {**p, "ztv": ztv}, problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
+    w = absolute_dc_weights(op, aty, {**p, "ztv": ztv}, problem.adjoint_abs_max)
     scale2 = float(prior.scale) ** 2
     mask = None if lay.canvas.identity else lay.canvas.mask(problem.y.device)
     per_sample = p["snr_norm"] == "sample"

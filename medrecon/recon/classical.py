@@ -432,7 +432,7 @@ def tv_method(problem: ReconProblem, params: dict, prior: Any = None,
     t0 = time.perf_counter()
     op = problem.operator
     lam = absolute_tv_weight(op, problem.y, float(params["lam"]), str(params["lam_scale"]),
-                             problem.meta.get("volume_stats", {}).get("adjoint_abs_max"))
+                             problem.adjoint_abs_max)
     spacing = problem.meta.get("spacing") if params["spacing_weights"] else None
     tv_ndim = int(params["tv_ndim"])
     if tv_ndim not in (2, 3):

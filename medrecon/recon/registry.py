@@ -63,6 +63,12 @@ class ReconProblem:
     meta: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[dict[str, Any]], None] | None = None
 
+    @property
+    def adjoint_abs_max(self) -> float | None:
+        """max |A^H y| of the whole volume when the reconstruct step recorded it (``meta["volume_stats"]``): the
+        scale of relative regularisation weights, shared by every slab of a slab-wise run."""
+        return self.meta.get("volume_stats", {}).get("adjoint_abs_max")
+
 
 @dataclass
 class ReconResult:
