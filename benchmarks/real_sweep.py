@@ -31,6 +31,14 @@ REPO = HERE.parent
 KEYS = ("psnr", "psnr_coronal", "psnr_sagittal", "ssim", "slice_consistency_ratio", "data_residual", "runtime_s")
 
 
+def _label(prior: str | list[str] | None) -> str:
+    """A prior's short name: the checkpoint's stem, stems joined by '+' for methods that take several (ReSample's
+    autoencoder and latent prior), '-' for none."""
+    if not prior:
+        return "-"
+    return "+".join(Path(p).stem for p in ([prior] if isinstance(prior, str) else prior))
+
+
 def main() -> None:
     from medrecon.config import validate
     from medrecon.evaluate import evaluate
@@ -91,28 +99,28 @@ def main() -> None:
                 # the study's params of every other method stay (a warm start's init method uses its own)
                 all_params = {**raw["reconstruct"].get("params", {}), method: params}
                 cfg = validate({**raw, "reconstruct": {**raw["reconstruct"], "params": all_params}}, a.config)
-                out = work / f"{sid}-{method}-{name}-{Path(prior).stem if prior else ''}.zarr"
+                out = work / f"{sid}-{method}-{name}-{_label(prior)}.zarr"
                 t0 = time.perf_counter()
                 reconstruct(meas, out, method, cfg, prior_path=prior)
                 doc = evaluate(ref, out, out.with_suffix(".json"), cfg, sid, method)
                 row = {"subject": sid, "method": method, "setting": name, "prior": prior,
                        "wall_s": time.perf_counter() - t0, **{k: doc["metrics"].get(k) for k in KEYS}}
                 rows.append(row)
-                print(f"{sid:24s} {method:10s} {name:10s} {Path(prior).stem if prior else '-':18s} "
+                print(f"{sid:24s} {method:10s} {name:10s} {_label(prior):18s} "
                       + " ".join(f"{k}={row[k]:.3f}" for k in KEYS if row[k] is not None), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # Mean over subjects per (method, setting, prior): the table the defaults are chosen from.
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["setting"], r["prior"]), []).append(r)
+        groups.setdefault((r["method"], r["setting"], _label(r["prior"])), []).append(r)
     print("\nmean over", len(subjects), "validation subjects")
     print(f"{'method':5s} {'setting':11s} {'prior':22s} " + " ".join(f"{k:>12s}" for k in KEYS))
     summary = []
     for (method, setting, prior), rs in groups.items():
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in KEYS if all(r[k] is not None for r in rs)}
         summary.append({"method": method, "setting": setting, "prior": prior, **mean})
-        print(f"{method:10s} {setting:11s} {Path(prior).stem if prior else '-':22s} "
+        print(f"{method:10s} {setting:11s} {_label(prior):22s} "
               + " ".join(f"{mean.get(k, float('nan')):12.3f}" for k in KEYS))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"subjects": subjects, "rows": rows, "summary": summary,
