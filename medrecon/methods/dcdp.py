@@ -80,7 +80,15 @@ from medrecon.diffusion.latent import LatentPrior, randn_like_gen
 from medrecon.diffusion.schedules import VPSchedule, ddim_step, diffuse
 from medrecon.errors import ConfigError
 from medrecon.methods.resample import minimise_mse
-from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, reset_nfe, sample_chunks
+from medrecon.methods.sampling import (
+    DTYPES,
+    SLICE_PRIOR_LOADER,
+    SliceLayout,
+    check_params,
+    init_image,
+    reset_nfe,
+    sample_chunks,
+)
 from medrecon.physics.operator import LinearOperator
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
@@ -213,12 +221,8 @@ def _purify(den: Any, sched: VPSchedule, x0: torch.Tensor, t_k: int, p: dict[str
 def _start_image(method: str, problem: ReconProblem, p: dict[str, Any], n: int, shape: tuple[int, ...]
                  ) -> torch.Tensor | None:
     """x^(0) for n samples: the ``init`` method's image when one is named, else None (the caller's default)."""
-    if p["init"] is None:
-        return None
-    if problem.init is None:
-        raise ConfigError(f"{method}: init is {p['init']!r} but the problem has no starting image",
-                          fix="run through the reconstruct step (it computes init), or set init: null")
-    return problem.init.to(problem.operator.in_dtype).expand(n, *shape).clone()
+    x = init_image(method, problem, p)
+    return None if x is None else x.expand(n, *shape).clone()
 
 
 def _finish(method: str, p: dict[str, Any], lay: SliceLayout, outs: list[torch.Tensor], dc_last: list[torch.Tensor],

@@ -74,7 +74,7 @@ from medrecon.diffusion.canvas import prior_background
 from medrecon.diffusion.dc import absolute_dc_weights, cg_normal, operator_norm_sq
 from medrecon.diffusion.denoiser import Prior
 from medrecon.errors import ConfigError
-from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, reset_nfe
+from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, init_image, reset_nfe
 from medrecon.recon.progress import StepReporter
 from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 
@@ -132,13 +132,8 @@ class _Setup:
     def start(self) -> torch.Tensor:
         """(1, *image_shape): the ``init`` image (computed by the reconstruct step), else the prior's background
         (empty space), from which the first data step starts."""
-        init = self.p["init"]
-        if init not in (None, "none"):
-            if self.problem.init is None:
-                raise ConfigError(f"{self.name}: init {init!r} is set but the problem has no starting image",
-                                 fix="run through the reconstruct step (which computes it), set problem.init, "
-                                 "or set init: none")
-            x = self.problem.init.to(self.op.in_dtype)
+        x = init_image(self.name, self.problem, self.p)
+        if x is not None:
             return x.expand(*self.lay.image_shape).reshape(1, *self.lay.image_shape).clone()
         bg = torch.full(self.lay.batch_shape(1), prior_background(self.prior), dtype=self.lay.dtype,
                         device=self.lay.y.device)

@@ -134,6 +134,18 @@ def reset_nfe(denoiser: Any) -> None:
         denoiser.reset_nfe()
 
 
+def init_image(name: str, problem: ReconProblem, p: dict) -> torch.Tensor | None:
+    """The image the method's ``init`` parameter names (the reconstruct step computes it into ``problem.init``), in
+    the operator's dtype; None when ``init`` is unset. A named init without the image is refused, never ignored."""
+    if p.get("init") in (None, "none"):
+        return None
+    if problem.init is None:
+        raise ConfigError(f"{name}: init is {p['init']!r} but the problem has no starting image",
+                          fix="run through the reconstruct step (it computes the image init names), set "
+                              "problem.init, or set init: none")
+    return problem.init.to(problem.operator.in_dtype)
+
+
 def warm_start_image(name: str, problem: ReconProblem, p: dict) -> torch.Tensor | None:
     """The problem's starting image when the sampler's ``start`` < 1 (a warm start), else None; a warm start
     without one (``init`` unset) is refused rather than silently run from noise."""
