@@ -296,13 +296,20 @@ def _posterior_mean(op, y, pad, channels, noise_std):
     return torch.stack(out)
 
 
-def test_padis_ct_with_analytic_prior_approaches_the_exact_posterior_and_patches_equal_whole_image():
+def analytic_ct_problem() -> tuple[ReconProblem, Prior, int, torch.Tensor]:
+    """Two 12 x 12 slices drawn from the analytic patch prior, 0.05 noise on a small parallel-beam CT; its exact
+    posterior mean is :func:`_posterior_mean` (problem, prior, pad, true slices)."""
     op, pad = _ct(), 3
     x_true = _truth((2, 12, 12), pad, 1, seed=5)[:, 0].float()
     y0 = op.forward(x_true)
     y = y0 + 0.05 * torch.randn(y0.shape, generator=torch.Generator().manual_seed(6))
     prob = ReconProblem(y=y, operator=op, modality="CT", image_shape=(2, 12, 12), noise_std=0.05)
-    prior = Prior(denoiser=AnalyticPatchNet(1), meta={"patch": _geom(pad, [8])})
+    return prob, Prior(denoiser=AnalyticPatchNet(1), meta={"patch": _geom(pad, [8])}), pad, x_true
+
+
+def test_padis_ct_with_analytic_prior_approaches_the_exact_posterior_and_patches_equal_whole_image():
+    prob, prior, pad, x_true = analytic_ct_problem()
+    op, y = prob.operator, prob.y
     params = {"steps": 30, "inner": 5, "sigma_max": 3.0, "sigma_min": 0.02, "zeta": 0.2, "patch_size": 4,
               "samples": 4, "sample_batch": 1, "dtype": "float64"}
     res = METHODS["padis"](prob, params, prior, torch.Generator().manual_seed(0))

@@ -34,8 +34,8 @@ from tests.methods.test_padis import (
     _mean,
     _mse,
     _posterior_mean,
-    _truth,
     _var,
+    analytic_ct_problem,
     exact_whole,
 )
 
@@ -248,12 +248,8 @@ def test_ddnm_sampler_fits_the_data_through_the_range_null_space_step():
     ({"sampler": "pc", "steps": 60, "inner": None, "corrector": "song"}, 0.089), ({"sampler": "ddnm"}, 0.024)],
     ids=["dps", "langevin", "pc", "pc-song", "ddnm"])
 def test_samplers_with_the_analytic_prior_on_ct_approach_the_exact_posterior_mean(extra, want):
-    op, pad = _ct(), 3
-    x_true = _truth((2, 12, 12), pad, 1, seed=5)[:, 0].float()
-    y0 = op.forward(x_true)
-    y = y0 + 0.05 * torch.randn(y0.shape, generator=torch.Generator().manual_seed(6))
-    prob = ReconProblem(y=y, operator=op, modality="CT", image_shape=(2, 12, 12), noise_std=0.05)
-    prior = Prior(denoiser=AnalyticPatchNet(1), meta={"patch": _geom(pad, [8])})
+    prob, prior, pad, _ = analytic_ct_problem()
+    op, y = prob.operator, prob.y
     params = {"steps": 30, "inner": 5, "sigma_max": 3.0, "sigma_min": 0.02, "zeta": 0.2, "patch_size": 4,
               "samples": 4, "dtype": "float64", **extra}
     res = METHODS["padis"](prob, params, prior, torch.Generator().manual_seed(0))
