@@ -120,3 +120,16 @@ def test_every_module_imports_alone():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_training_a_prior_needs_neither_sigpy_nor_astra():
+    """A training machine (a lent GPU) carries torch, MONAI and zarr, not the operators' libraries: training an
+    MR prior with the measure step's phase model (``random_phase: smooth``) must not import SigPy or ASTRA."""
+    code = ("import sys, numpy as np\n"
+            "from medrecon.diffusion.datasets import training_phase\n"
+            "import medrecon.diffusion.kinds, medrecon.diffusion.train, medrecon.cli\n"
+            "training_phase((8, 8), np.random.default_rng(0), 'smooth')\n"
+            "print(sorted(m for m in ('sigpy', 'astra') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

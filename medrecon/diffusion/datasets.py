@@ -309,11 +309,11 @@ def training_phase(shape: tuple[int, int], rng: np.random.Generator, mode: str) 
     """The phase put on a magnitude training image to make it complex (radians).
 
     "constant": one uniform phase per image. "smooth": a map of the very family the measure step puts on MR
-    volumes (:func:`medrecon.physics.mri.smooth_phase`: degree-2 polynomial, |phi| <= pi/2) with a seed drawn
+    volumes (:func:`medrecon.physics.mri_phase.smooth_phase`: degree-2 polynomial, |phi| <= pi/2) with a seed drawn
     from ``rng``, so the prior has seen the phase it will meet in measurements. "none": 0.
     """
     if mode == "smooth":
-        from medrecon.physics.mri import smooth_phase
+        from medrecon.physics.mri_phase import smooth_phase
 
         return smooth_phase(tuple(shape), int(rng.integers(0, 2**31 - 1)))
     return rng.uniform(0, 2 * np.pi) if mode == "constant" else 0.0

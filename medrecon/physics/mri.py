@@ -36,6 +36,7 @@ import torch
 
 from medrecon.errors import ConfigError, InputError
 from medrecon.physics.coils import birdcage_coils, calibration_from_samples, espirit_coils
+from medrecon.physics.mri_phase import smooth_phase  # noqa: F401  (the measure step's phase model)
 from medrecon.physics.mri_sampling import (
     cartesian_mask_1d,
     default_spokes,
@@ -473,30 +474,6 @@ def mri_operator_from_config(cfg: dict[str, Any], shape: tuple[int, int, int], s
         coord = spiral_trajectory((ny, nx), c["spokes"] or 16, accel)
         dcf = density_compensation(coord, (ny, nx), "pipe_menon")
     return Nufft2D(maps, coord, dcf, device=device)
-
-
-def smooth_phase(shape: tuple[int, ...], seed: int, max_phase: float = math.pi / 2,
-                 z_range: tuple[int, int] | None = None) -> np.ndarray:
-    """A smooth random phase map (radians, float32): real MR images carry B0/B1 phase that priors see.
-
-    phi = sum_k a_k m_k(z, y, x) over the monomials of degree <= 2 in coordinates scaled to [-1, 1],
-    a_k ~ N(0, 1) from ``numpy.random.default_rng(seed)``, rescaled by max_phase / sum |a_k| so that
-    |phi| <= max_phase everywhere. ``shape`` is the whole (Z, Y, X) volume (or (Y, X)); ``z_range`` returns
-    only slices z0..z1-1, so slabs of one volume get pieces of one phase map.
-    """
-    shape = tuple(int(s) for s in shape)
-    planar = len(shape) == 2
-    nz, ny, nx = (1, *shape) if planar else shape
-    z0, z1 = z_range or (0, nz)
-
-    def axis(n: int, a: int, b: int) -> np.ndarray:
-        return (np.arange(a, b) - (n - 1) / 2) / max((n - 1) / 2, 1)
-
-    z, y, x = np.meshgrid(axis(nz, z0, z1), axis(ny, 0, ny), axis(nx, 0, nx), indexing="ij")
-    terms = [np.ones_like(x), z, y, x, z * z, y * y, x * x, z * y, z * x, y * x]
-    a = np.random.default_rng(seed).standard_normal(len(terms))
-    phi = sum(ak * t for ak, t in zip(a, terms, strict=True)) * (max_phase / np.abs(a).sum())
-    return (phi[0] if planar else phi).astype(np.float32)
 
 
 def simulate_kspace(volume: np.ndarray | torch.Tensor, operator: LinearOperator,
