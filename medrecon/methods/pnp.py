@@ -26,6 +26,12 @@ PnP-ADMM, per iteration k (scaled form; ``x0`` = the ``init`` image, else the pr
     u = u + x - v                                             # splitting: hqs keeps u = 0 (DPIR)
     return v
 
+With ``ztv: true`` the x-update also carries DDS's 3D regulariser ``ztv_lambda ||D_z x||_1`` (finite
+differences across slices), solved by one ADMM iteration of :func:`~medrecon.diffusion.dc.ztv_admm_step` per
+PnP iteration (its split variable and dual carried over, as in DDS) with the PnP proximal term as its ``prox``:
+the 2D denoiser regularises each slice, z-TV ties the slices together (the slice-by-slice denoiser alone leaves a
+worse slice consistency than TV). ``ztv_rho`` is that ADMM's penalty, ``ztv_lambda`` the weight.
+
 ``sigma_k = sigma_d`` (fixed) or, with ``sigma_max``, geometric from sigma_max down to sigma_d over the
 iterations (DPIR's log-spaced schedule), with ``rho_k = rho (sigma_d / sigma_k)^2`` (DPIR's
 ``rho_k ~ 1 / sigma_k^2``; equal to rho at the end). **Fixed point** (fixed sigma): for a Gaussian prior
@@ -71,7 +77,7 @@ from typing import Any
 import torch
 
 from medrecon.diffusion.canvas import prior_background
-from medrecon.diffusion.dc import absolute_dc_weights, cg_normal, operator_norm_sq
+from medrecon.diffusion.dc import ZTVState, absolute_dc_weights, cg_normal, operator_norm_sq, ztv_admm_step
 from medrecon.diffusion.denoiser import Prior
 from medrecon.errors import ConfigError
 from medrecon.methods.sampling import DTYPES, SLICE_PRIOR_LOADER, SliceLayout, check_params, init_image, reset_nfe
@@ -91,6 +97,9 @@ from medrecon.recon.registry import ReconProblem, ReconResult, register_method
 PNP_ADMM_DEFAULTS: dict[str, Any] = {
     "iterations": 30, "sigma_d": 0.05, "sigma_max": None, "splitting": "admm", "rho": 0.005, "cg_iter": 10,
     "cg_tol": 1e-6, "weights": "relative", "samples": 1, "dtype": "float32", "init": None,
+    # 3D consistency: z-TV in the x-update (DDS's z-TV ADMM step with PnP's proximal term; relative weights
+    # as DDS's: ztv_rho a fraction of ||A||^2, ztv_lambda of ||A^H y||_inf)
+    "ztv": False, "ztv_rho": 0.004, "ztv_lambda": 7e-4,
 }
 PNP_RED_DEFAULTS: dict[str, Any] = {
     "iterations": 50, "sigma_d": 0.03, "lam": 0.005, "solver": "fixed_point", "step": 1.0, "cg_iter": 10,
@@ -153,6 +162,23 @@ class _Setup:
         return ReconResult(samples=x, nfe=n_it, info=info)
 
 
+def _ztv_weights(s: _Setup, problem: ReconProblem) -> dict[str, float] | None:
+    """PnP-ADMM's z-TV weights in the operator's units, or None without ``ztv``. Like DDS's 3D step, relative
+    weights scale with ||A||^2 and with the whole volume's ||A^H y||_inf (slab-wise runs pass it)."""
+    p = s.p
+    if not p["ztv"]:
+        return None
+    if len(s.lay.image_shape) < 3 or s.lay.image_shape[-3] < 2:
+        raise ConfigError("pnp_admm: ztv needs two slices or more (Z, Y, X); this problem has one",
+                          fix="set ztv: false for 2D problems")
+    if float(p["ztv_rho"]) <= 0 or float(p["ztv_lambda"]) < 0:
+        raise ConfigError(f"pnp_admm: ztv_rho must be > 0 and ztv_lambda >= 0, got {p['ztv_rho']} and "
+                          f"{p['ztv_lambda']}", fix="e.g. ztv_rho: 0.004, ztv_lambda: 7e-4 (relative)")
+    w = absolute_dc_weights(s.op, s.aty, {"rho": p["ztv_rho"], "ztv_lambda": p["ztv_lambda"], "ztv": True,
+                                          "weights": p["weights"]}, problem.adjoint_abs_max)
+    return {"rho": w["rho"], "ztv_lambda": w["ztv_lambda"]}
+
+
 def _sigmas(p: dict) -> list[float]:
     """Fixed sigma_d, or geometric from sigma_max down to sigma_d (DPIR's log-spaced schedule)."""
     n, lo = int(p["iterations"]), float(p["sigma_d"])
@@ -187,6 +213,8 @@ def pnp_admm(problem: ReconProblem, params: dict, prior: Prior,
     rho = s.weight("rho")
     if rho <= 0:
         raise ConfigError("pnp_admm: rho must be > 0", fix="e.g. rho: 0.005 (a fraction of ||A||^2)")
+    ztv = _ztv_weights(s, problem)
+    state = ZTVState()
     t0 = time.perf_counter()
     report = StepReporter(problem.progress, len(sigmas))
     v = s.start()
@@ -196,7 +224,12 @@ def pnp_admm(problem: ReconProblem, params: dict, prior: Prior,
     with torch.no_grad():
         for sigma in sigmas:
             rho_k = rho * (float(p["sigma_d"]) / sigma) ** 2
-            x = cg_normal(s.op, None, v - u, int(p["cg_iter"]), rho_k, float(p["cg_tol"]), n_batch=1, aty=s.aty)
+            if ztv is None:
+                x = cg_normal(s.op, None, v - u, int(p["cg_iter"]), rho_k, float(p["cg_tol"]), n_batch=1,
+                              aty=s.aty)
+            else:   # argmin 1/2||Ax - y||^2 + ztv_lambda ||D_z x||_1 + rho_k/2 ||x - (v - u)||^2, one ADMM step
+                x = ztv_admm_step(s.op, None, v - u, state, ztv["rho"], ztv["ztv_lambda"], int(p["cg_iter"]),
+                                  axis=-3, n_batch=1, tol=float(p["cg_tol"]), aty=s.aty, prox=rho_k)
             v_new = s.denoise(x + u, sigma)
             change = _relative_change(v_new, v)
             v = v_new
