@@ -32,6 +32,14 @@ detector, distances, image shape and spacing) plus ``I0``, ``electronic_std`` an
 geometry is refused on another with one :class:`~medrecon.errors.ConfigError` naming both. That is the whole
 contrast with the diffusion priors, which are geometry-free.
 
+Several pixel sizes, one acquisition. A study grid of fixed size over each patient's field of view (the real
+study's ``grid: {size: 64}``) gives every patient its own pixel size, and with it its own detector spacing (the
+default: one pixel) and noise per pixel. The dataset then simulates each training volume at its own geometry
+(same views, beam, I0, mu_water), and the record adds ``spacing_range`` (and the ``measure`` it was built from).
+A problem passes when its pixel size lies in that range and its geometry equals the recorded acquisition rebuilt
+at that pixel size (so a detector that differs for another reason is still refused): the network has seen that
+range of pixel sizes and noise levels, and is not trusted to extrapolate beyond it.
+
 Departures from the reference, on purpose:
 
 * AdamW (lr 1e-4, warm-up + cosine, EMA of the weights) instead of SGD with momentum 0.99 and a log-spaced lr
@@ -220,6 +228,7 @@ def check_geometry(trained: dict[str, Any], problem: Any, checkpoint: str = "the
     """Refuse a problem whose acquisition is not the one the network was trained for (one ConfigError naming
     both and the fix)."""
     given = problem_geometry(problem)
+    trained = _at_given_spacing(trained, given, checkpoint)
     diff = geometry_differences(trained, given)
     if diff:
         views = len(given["ct"]["angles"])
@@ -229,6 +238,34 @@ def check_geometry(trained: dict[str, Any], problem: Any, checkpoint: str = "the
             "acquisition it was trained on",
             fix=f"retrain it with train.<name>.measure set to this study's measure.ct (e.g. views: {views}, beam: "
                 f"{given['ct']['beam']}, I0: {given['I0']}), or point reconstruct.priors at one trained for it")
+
+
+def _in_plane(spacing: Sequence[float]) -> tuple[float, float]:
+    """The in-plane (dy, dx) of a spacing, rounded to 1e-6 mm (what makes two pixel sizes the same)."""
+    return tuple(round(float(s), 6) for s in tuple(spacing)[-2:])
+
+
+def _at_given_spacing(trained: dict[str, Any], given: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """A record trained over several pixel sizes (``spacing_range``), as the acquisition would be at the
+    problem's pixel size: that size must lie in the trained range, and every key derived from it (detector
+    spacing, fan distances) is then rebuilt from the recorded acquisition, so the comparison stays exact."""
+    if "spacing_range" not in trained:
+        return trained
+    from medrecon.physics.ct_geometry import CTGeometry
+
+    lo, hi = trained["spacing_range"]
+    sp = [float(s) for s in given["ct"]["spacing"][-2:]]
+    inside = all(a * (1 - 1e-6) <= s <= b * (1 + 1e-6) for a, s, b in zip(lo, sp, hi, strict=True))
+    if not inside:
+        raise ConfigError(
+            f"fbp_unet: {checkpoint} was trained for pixel sizes {lo[-1]:.4g}..{hi[-1]:.4g} mm but this "
+            f"measurement's pixels are {sp[-1]:.4g} mm; an FBP-UNet is not trusted outside the pixel sizes (and so "
+            "the noise levels per pixel) it was trained on",
+            fix="retrain it including volumes of this pixel size (their subjects with role 'train'), or put this "
+                "study on a grid whose pixel size lies in the trained range")
+    shape = tuple(int(n) for n in trained["ct"]["shape"])
+    geom = CTGeometry.from_config(trained["measure"], (1, *shape), (1.0, *sp))
+    return {**trained, "ct": to_jsonable(geom.to_dict())}
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -246,13 +283,15 @@ class SupervisedSliceDataset(TrainingDataset):
 
         vols = source.volumes
         shapes = {tuple(v.shape[1:]) for v in vols}
-        spacings = {tuple(round(float(s), 6) for s in v.geometry.spacing[1:]) for v in vols}
-        if len(shapes) != 1 or len(spacings) != 1:
-            raise InputError(f"supervised training volumes must share one in-plane shape and spacing (one CT "
-                             f"geometry), got shapes {sorted(shapes)} and spacings {sorted(spacings)}",
+        if len(shapes) != 1:
+            raise InputError(f"supervised training volumes must share one in-plane shape, got {sorted(shapes)}",
                              path=vols[0].path, fix="train on volumes of one grid (`medrecon resample`)")
         self.source, self.measure = source, dict(measure)
-        self.geometry = CTGeometry.from_config(self.measure, tuple(vols[0].shape), tuple(vols[0].geometry.spacing))
+        # One acquisition, simulated for each volume at its own pixel size (a study grid of fixed size over each
+        # patient's field of view gives every patient its own); the record keeps the range (check_geometry).
+        self._geoms = [CTGeometry.from_config(self.measure, tuple(v.shape), tuple(v.geometry.spacing)) for v in vols]
+        self.spacings = sorted({_in_plane(g.spacing) for g in self._geoms})
+        self.geometry = self._geoms[0]
         self.norm = validate_normalisation(normalisation, "CT")
         self.scale, self.offset = prior_affine(self.norm, "attenuation", float(self.measure["mu_water"]))
         self.filter, self.flips = filter, tuple(flips)
@@ -261,17 +300,25 @@ class SupervisedSliceDataset(TrainingDataset):
         self.image_size = max(self.canvas.shape)
         self._op: Any = None
 
-    @property
-    def operator(self) -> Any:
-        """The measure step's operator for this geometry (built on first use, so workers build their own)."""
-        if self._op is None:
-            from medrecon.physics.ct import ct_operator
+    def operator(self, volume: int = 0) -> Any:
+        """The measure step's operator for volume ``volume``'s geometry (one per pixel size, built on first use,
+        so workers build their own)."""
+        from medrecon.physics.ct import ct_operator
 
-            self._op = ct_operator(self.geometry)
-        return self._op
+        if self._op is None:
+            self._op = {}
+        key = _in_plane(self._geoms[volume].spacing)
+        if key not in self._op:
+            self._op[key] = ct_operator(self._geoms[volume])
+        return self._op[key]
 
     def record(self) -> dict[str, Any]:
-        return geometry_record(self.geometry, self.measure)
+        rec = geometry_record(self.geometry, self.measure)
+        if len(self.spacings) > 1:
+            rec["spacing_range"] = [list(self.spacings[0]), list(self.spacings[-1])]
+            rec["spacings"] = [list(sp) for sp in self.spacings]
+            rec["measure"] = to_jsonable({k: v for k, v in self.measure.items()})
+        return rec
 
     def __len__(self) -> int:
         return len(self.source)
@@ -285,12 +332,13 @@ class SupervisedSliceDataset(TrainingDataset):
         vi, z = self.source.index[index]
         hu = _flip(np.asarray(self.source.read(vi, z), dtype=np.float32), self.flips, rng)
         mu = torch.from_numpy(np.ascontiguousarray(hu_to_mu(hu, float(self.measure["mu_water"]))))
+        op = self.operator(vi)
         with torch.no_grad():
-            p = self.operator.forward(mu[None])
+            p = op.forward(mu[None])
             if self.measure["I0"]:
                 p = ct_poisson_noise(p, float(self.measure["I0"]), float(self.measure["electronic_std"]),
                                      generator=rng).line_integrals
-            x = fbp(self.operator, p, self.filter)[0]
+            x = fbp(op, p, self.filter)[0]
         return x.float(), mu.float()
 
     def sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """fbp_unet (FBPConvNet) and its training kind ``supervised``: the L2-optimal linear map on a Gaussian prior, the
-simulate -> FBP -> train -> reconstruct chain on an odd-size phantom, the one-geometry refusal, determinism."""
+simulate -> FBP -> train -> reconstruct chain on an odd-size phantom, the one-geometry refusal (one acquisition,
+a range of pixel sizes), determinism."""
 
 from __future__ import annotations
 
@@ -220,6 +221,44 @@ def test_another_geometry_is_one_clear_error(study):
     p20.meta = {}
     with pytest.raises(ConfigError, match=r"views \(8 vs 20\)"):
         METHODS["fbp_unet"](p20, {}, prior, None)
+
+
+def test_training_over_several_pixel_sizes_accepts_that_range_only(study):
+    """A study grid of fixed size over each patient's field of view gives every patient its own pixel size: the
+    FBP-UNet trains on all of them (each volume simulated at its own geometry), records the range, reconstructs
+    a measurement whose pixels lie inside it, and refuses one outside it, or of another acquisition, with one
+    clear error."""
+    from medrecon.io.phantoms import write_phantom_volume
+    from medrecon.measure import measure
+
+    tmp = study["tmp"]
+    coarse = write_phantom_volume("ct_chest", tmp / "coarse.zarr", (4, *SHAPE), (4.0, 4.0, 4.0), 2)
+    c = resolve_supervised_config(_train_cfg(flips=[]))
+    ds, _ = build_supervised_dataset(c, [study["train"], coarse])
+    assert ds.spacings == [(3.0, 3.0), (4.0, 4.0)]
+    assert ds.operator(0).geometry.spacing != ds.operator(1).geometry.spacing
+    # each volume's pairs come from its own geometry: the FBP of a slice of `coarse` at 4 mm
+    got, _ = ds.pair(len(ds) - 1, np.random.default_rng(0))
+    m = measure(coarse, tmp / "m_coarse.zarr", cfgmod.validate({"measure": {"ct": c["measure"]}}))
+    want = _problem(m).init[-1]
+    assert not torch.allclose(got, want, atol=1e-3 * float(want.abs().max()))     # noise differs...
+    assert float((got - want).abs().mean()) < 0.2 * float(want.abs().mean())        # ...the geometry does not
+    rec = ds.record()
+    assert rec["spacing_range"] == [[3.0, 3.0], [4.0, 4.0]]
+
+    ckpt = train_prior(_train_cfg(steps=4), [study["train"], coarse], tmp / "p_range.pt")
+    prior = _prior(ckpt)
+    mid = write_phantom_volume("ct_chest", tmp / "mid.zarr", (3, *SHAPE), (4.0, 3.5, 3.5), 3)
+    m_mid = measure(mid, tmp / "m_mid.zarr", cfgmod.validate({"measure": {"ct": MEASURE}}))
+    assert METHODS["fbp_unet"](_problem(m_mid), {}, prior, None).samples.shape == (1, 3, *SHAPE)
+    big = write_phantom_volume("ct_chest", tmp / "big.zarr", (3, *SHAPE), (4.0, 5.0, 5.0), 3)
+    m_big = measure(big, tmp / "m_big.zarr", cfgmod.validate({"measure": {"ct": MEASURE}}))
+    with pytest.raises(ConfigError, match=r"pixel sizes 3\.\.4 mm but this measurement's pixels are 5 mm") as err:
+        METHODS["fbp_unet"](_problem(m_big), {}, prior, None)
+    assert "retrain it including volumes of this pixel size" in err.value.fix
+    m_mid20 = measure(mid, tmp / "m_mid20.zarr", cfgmod.validate({"measure": {"ct": {**MEASURE, "views": 20}}}))
+    with pytest.raises(ConfigError, match=r"views \(8 vs 20\)"):
+        METHODS["fbp_unet"](_problem(m_mid20), {}, prior, None)
 
 
 def test_bad_training_configs_are_one_clear_error(tmp_path, study):
