@@ -38,7 +38,14 @@ default: one pixel) and noise per pixel. The dataset then simulates each trainin
 (same views, beam, I0, mu_water), and the record adds ``spacing_range`` (and the ``measure`` it was built from).
 A problem passes when its pixel size lies in that range and its geometry equals the recorded acquisition rebuilt
 at that pixel size (so a detector that differs for another reason is still refused): the network has seen that
-range of pixel sizes and noise levels, and is not trusted to extrapolate beyond it.
+range of pixel sizes and noise levels, and is not trusted to extrapolate beyond it. (The line integral of a
+ray scales with the pixel size, its Poisson noise does not: the noise per unit of image, and so the FBP's
+streaks, differ per pixel size, and the network learns the training pixel sizes' mix of them.) The rule, in
+:func:`_at_given_spacing`: the in-plane spacing inside ``spacing_range`` (1e-6 relative at the ends), then every
+geometry key compared exactly with ``CTGeometry.from_config(measure, shape, that spacing)``: spacing-derived keys
+(detector spacing, fan distances) are thus compared with what the problem's own pixel size implies, and the
+acquisition keys with the trained ones. A record without ``spacing_range`` (one pixel size, the earlier form) is
+compared exactly as it stands.
 
 Departures from the reference, on purpose:
 

@@ -261,6 +261,29 @@ def test_training_over_several_pixel_sizes_accepts_that_range_only(study):
         METHODS["fbp_unet"](_problem(m_mid20), {}, prior, None)
 
 
+def test_derived_keys_are_checked_consistently_and_the_old_record_exactly(study):
+    """Inside the trained range, a detector that differs from what the problem's own pixel size implies is still
+    refused; a single-pixel-size record (no range: the old record) still refuses any other pixel size exactly."""
+    from medrecon.io.phantoms import write_phantom_volume
+    from medrecon.measure import measure
+
+    tmp = study["tmp"]
+    mid = write_phantom_volume("ct_chest", tmp / "mid_b.zarr", (2, *SHAPE), (4.0, 3.5, 3.5), 6)
+    m_mid = measure(mid, tmp / "m_mid_b.zarr", cfgmod.validate({"measure": {"ct": MEASURE}}))
+    old = _prior(study["ckpt"])                       # trained at 3 mm only: no spacing_range in its record
+    assert "spacing_range" not in old.geometry
+    with pytest.raises(ConfigError, match=r"spacing \(\[3\.0, 3\.0\] vs \[3\.5, 3\.5\]\)"):
+        METHODS["fbp_unet"](_problem(m_mid), {}, old, None)
+
+    coarse = write_phantom_volume("ct_chest", tmp / "coarse_b.zarr", (2, *SHAPE), (4.0, 4.0, 4.0), 7)
+    ranged = _prior(train_prior(_train_cfg(steps=2), [study["train"], coarse], tmp / "p_range_b.pt"))
+    assert METHODS["fbp_unet"](_problem(m_mid), {}, ranged, None).samples.shape == (1, 2, *SHAPE)
+    m_det = measure(mid, tmp / "m_det.zarr",
+                    cfgmod.validate({"measure": {"ct": {**MEASURE, "detector_spacing": 7.0}}}))
+    with pytest.raises(ConfigError, match=r"detector_spacing \(3\.5 vs 7\.0\)"):
+        METHODS["fbp_unet"](_problem(m_det), {}, ranged, None)
+
+
 def test_bad_training_configs_are_one_clear_error(tmp_path, study):
     with pytest.raises(ConfigError, match="stesp"):
         resolve_supervised_config({"stesp": 3})
