@@ -81,13 +81,13 @@ def seconds_per_step(rows: list[tuple[int, float, float]]) -> float:
 def launch(name: str, section: dict[str, Any], vols: list[Path], out: Path) -> subprocess.Popen:
     """``medrecon train`` for one prior, its output to ``<out>.log`` (the workflow's command line)."""
     cfg = json.dumps({"train": {name: section}}, sort_keys=True)
-    log = out.with_name(out.name + ".log").open("w")
-    return subprocess.Popen([*TRAIN_CMD, str(out), *map(str, vols), "--name", name, "--config", cfg],
-                            stdout=log, stderr=subprocess.STDOUT)
+    with out.with_name(out.name + ".log").open("w") as log:     # the child keeps its own copy of the handle
+        return subprocess.Popen([*TRAIN_CMD, str(out), *map(str, vols), "--name", name, "--config", cfg],
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_all(jobs: dict[str, tuple[dict[str, Any], list[Path], Path]], deadline: float) -> dict[str, Any]:
-    """Start every job at once; stop those still running at ``deadline`` (time.monotonic); return/codes, walls."""
+    """Start every job at once; stop those still running at ``deadline`` (time.monotonic); return codes, walls."""
     t0 = time.monotonic()
     procs = {n: launch(n, sec, vols, out) for n, (sec, vols, out) in jobs.items()}
     walls: dict[str, float] = {}
@@ -142,7 +142,9 @@ def main() -> None:
     rate, startup = {}, {}
     for n, (_, _, o) in calib.items():
         if cal_runs[n]["rc"] != 0:
-            sys.exit(f"calibration run of {n} failed (rc {cal_runs[n]['rc']}); its log: {o}.log")
+            why = "was stopped at the hard limit (raise --budget-s or lower --calibrate)" if cal_runs[n]["rc"] < 0 \
+                else f"failed (rc {cal_runs[n]['rc']})"
+            sys.exit(f"calibration run of {n} {why}; its log: {o}.log")
         rows = loss_log(o)
         rate[n] = seconds_per_step(rows)
         startup[n] = cal_runs[n]["wall_s"] - rows[-1][2]
