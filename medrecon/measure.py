@@ -96,7 +96,8 @@ def measure_ct(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: t
 
 
 def measure_mr(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: torch.device) -> Path:
-    from medrecon.physics.mri import mri_operator_from_config, simulate_kspace, smooth_phase
+    from medrecon.physics.mri import mri_operator_from_config, simulate_kspace
+    from medrecon.physics.mri_phase import smooth_phase
     from medrecon.physics.noise import mri_gaussian_noise, noise_record
 
     mr = dict(cfg["measure"]["mr"])
@@ -131,7 +132,8 @@ def measure_mr(vol: Volume, out: Path, cfg: dict[str, Any], seed: int, device: t
 
 
 def _measure_mr_whole(vol: Volume, out: Path, cfg: dict[str, Any], op: LinearOperator, seed: int) -> Path:
-    from medrecon.physics.mri import calibrated_operator, simulate_kspace, smooth_phase
+    from medrecon.physics.mri import calibrated_operator, simulate_kspace
+    from medrecon.physics.mri_phase import smooth_phase
     from medrecon.physics.noise import mri_gaussian_noise
 
     mr = cfg["measure"]["mr"]

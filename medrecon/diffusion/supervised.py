@@ -305,15 +305,13 @@ class SupervisedSliceDataset(TrainingDataset):
         h, w = self.geometry.shape
         self.canvas = Canvas(h, w, multiple=multiple, value=background(self.norm))
         self.image_size = max(self.canvas.shape)
-        self._op: Any = None
+        self._op: dict[tuple[float, float], Any] = {}    # per pixel size, built on first use (per worker)
 
     def operator(self, volume: int = 0) -> Any:
         """The measure step's operator for volume ``volume``'s geometry (one per pixel size, built on first use,
         so workers build their own)."""
         from medrecon.physics.ct import ct_operator
 
-        if self._op is None:
-            self._op = {}
         key = _in_plane(self._geoms[volume].spacing)
         if key not in self._op:
             self._op[key] = ct_operator(self._geoms[volume])
@@ -324,7 +322,7 @@ class SupervisedSliceDataset(TrainingDataset):
         if len(self.spacings) > 1:
             rec["spacing_range"] = [list(self.spacings[0]), list(self.spacings[-1])]
             rec["spacings"] = [list(sp) for sp in self.spacings]
-            rec["measure"] = to_jsonable({k: v for k, v in self.measure.items()})
+            rec["measure"] = to_jsonable(dict(self.measure))
         return rec
 
     def __len__(self) -> int:

@@ -162,7 +162,7 @@ class _Setup:
         return ReconResult(samples=x, nfe=n_it, info=info)
 
 
-def _ztv_weights(s: _Setup, problem: ReconProblem) -> dict[str, float] | None:
+def _ztv_weights(s: _Setup) -> dict[str, float] | None:
     """PnP-ADMM's z-TV weights in the operator's units, or None without ``ztv``. Like DDS's 3D step, relative
     weights scale with ||A||^2 and with the whole volume's ||A^H y||_inf (slab-wise runs pass it)."""
     p = s.p
@@ -174,9 +174,8 @@ def _ztv_weights(s: _Setup, problem: ReconProblem) -> dict[str, float] | None:
     if float(p["ztv_rho"]) <= 0 or float(p["ztv_lambda"]) < 0:
         raise ConfigError(f"pnp_admm: ztv_rho must be > 0 and ztv_lambda >= 0, got {p['ztv_rho']} and "
                           f"{p['ztv_lambda']}", fix="e.g. ztv_rho: 0.004, ztv_lambda: 7e-4 (relative)")
-    w = absolute_dc_weights(s.op, s.aty, {"rho": p["ztv_rho"], "ztv_lambda": p["ztv_lambda"], "ztv": True,
-                                          "weights": p["weights"]}, problem.adjoint_abs_max)
-    return {"rho": w["rho"], "ztv_lambda": w["ztv_lambda"]}
+    return absolute_dc_weights(s.op, s.aty, {"rho": p["ztv_rho"], "ztv_lambda": p["ztv_lambda"], "ztv": True,
+                                             "weights": p["weights"]}, s.problem.adjoint_abs_max)
 
 
 def _sigmas(p: dict) -> list[float]:
@@ -213,7 +212,7 @@ def pnp_admm(problem: ReconProblem, params: dict, prior: Prior,
     rho = s.weight("rho")
     if rho <= 0:
         raise ConfigError("pnp_admm: rho must be > 0", fix="e.g. rho: 0.005 (a fraction of ||A||^2)")
-    ztv = _ztv_weights(s, problem)
+    ztv = _ztv_weights(s)
     state = ZTVState()
     t0 = time.perf_counter()
     report = StepReporter(problem.progress, len(sigmas))

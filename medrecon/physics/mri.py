@@ -36,7 +36,6 @@ import torch
 
 from medrecon.errors import ConfigError, InputError
 from medrecon.physics.coils import birdcage_coils, calibration_from_samples, espirit_coils
-from medrecon.physics.mri_phase import smooth_phase  # noqa: F401  (the measure step's phase model)
 from medrecon.physics.mri_sampling import (
     cartesian_mask_1d,
     default_spokes,

@@ -290,7 +290,7 @@ def test_mr_percentile_normalisation_dataset_and_volume_scope(tmp_path):
 
 def test_training_phase_smooth_is_the_measure_steps_family():
     from medrecon.diffusion.datasets import phase_mode, training_phase
-    from medrecon.physics.mri import smooth_phase
+    from medrecon.physics.mri_phase import smooth_phase
 
     assert [phase_mode(v) for v in (False, True, "smooth", None)] == ["none", "constant", "smooth", "none"]
     seed = int(np.random.default_rng(3).integers(0, 2**31 - 1))

@@ -10,6 +10,7 @@ import torch
 from medrecon.errors import ConfigError
 from medrecon.physics import mri
 from medrecon.physics.coils import birdcage_coils, espirit_coils
+from medrecon.physics.mri_phase import smooth_phase
 from medrecon.physics.mri_sampling import (
     acceleration,
     cartesian_mask_1d,
@@ -287,9 +288,9 @@ def test_config_builds_operators_and_simulates():
     assert op.kind == "mri-sense-2d" and op.out_shape == (4, 48, 48) and op.mask_np.shape == shape
     assert abs(acceleration(op.mask_np) / 3 - 1) < 0.10
     np.testing.assert_array_equal(op.mask_np, mri.mri_operator_from_config(cfg, shape, seed=0).mask_np)
-    phase = mri.smooth_phase(shape, seed=1, max_phase=1.0)
+    phase = smooth_phase(shape, seed=1, max_phase=1.0)
     assert np.abs(phase).max() <= 1.0 and phase.std() > 0.01
-    np.testing.assert_array_equal(mri.smooth_phase(shape, 1, 1.0, z_range=(1, 2)), phase[1:2])
+    np.testing.assert_array_equal(smooth_phase(shape, 1, 1.0, z_range=(1, 2)), phase[1:2])
     y = mri.simulate_kspace(vol, op, phase)
     assert y.shape == (2, 4, 48, 48)
     torch.testing.assert_close(y[1:], mri.simulate_kspace(vol[1:], op.slab(1, 2), phase[1:]))
