@@ -372,11 +372,14 @@ def run_method(work: Path, row: str, method: str, modality: str, setting: float,
     # One folder per (row, params, prior): concurrent runs with different params never share a job file.
     rdir = work / "recon" / _tag(modality, setting) / row.replace("[", "_").replace("]", "") / key
     docs_path = rdir / "metrics.json"
-    if docs_path.exists():
-        return json.loads(docs_path.read_text())
+    # Cached per held-out volume: a run with more --eval-volumes reconstructs only the volumes it adds.
+    cached = {d["subject"]: d for d in json.loads(docs_path.read_text())} if docs_path.exists() else {}
+    todo = [m for m in meas if m.stem not in cached]
+    if not todo:
+        return [cached[m.stem] for m in meas]
     rdir.mkdir(parents=True, exist_ok=True)
     items = [{"measurement": str(m), "out": str(rdir / f"{m.stem}.zarr"), "method": method, "prior": prior}
-             for m in meas]
+             for m in todo]
     job = rdir / "job.json"
     job.write_text(json.dumps({"config": cfg, "items": items}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -394,12 +397,11 @@ def run_method(work: Path, row: str, method: str, modality: str, setting: float,
         tail = str(err).strip().splitlines()[-6:]
         cmd = f"{sys.executable} benchmarks/quality.py --worker {job}"
         return [{"error": f"exit {rc}", "stderr_tail": tail, "command": cmd, "wall_s": wall}]
-    docs = []
-    for m, it in zip(meas, items, strict=True):
+    for m, it in zip(todo, items, strict=True):
         d = evaluate(reference_of(m), it["out"], rdir / f"{m.stem}.json", cfg, m.stem, row)
-        docs.append({"subject": m.stem, "metrics": d["metrics"], "notes": d["notes"]})
-    docs_path.write_text(json.dumps(docs))
-    return docs
+        cached[m.stem] = {"subject": m.stem, "metrics": d["metrics"], "notes": d["notes"]}
+    docs_path.write_text(json.dumps(list(cached.values())))
+    return [cached[m.stem] for m in meas]
 
 
 def reference_of(measurement: Path) -> str:
