@@ -14,7 +14,9 @@ What it measures
     the oracle TV denoiser at the small sigmas cannot beat TV reconstruction by much, whatever the sampler.
 
 Run: ``python benchmarks/denoise_curve.py --priors data/priors/real_ct_slice.pt [more.pt ...]`` -> table,
-``benchmarks/out/denoise_curve.json``.
+``benchmarks/out/denoise_curve.json``. ``--volumes a.zarr ...`` denoises those CT volumes instead (run it once on
+a prior's training volumes and once on held-out ones: equal PSNR means the prior generalises, a gap that grows
+with training means it memorises).
 """
 
 from __future__ import annotations
@@ -48,18 +50,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "config" / "real.yaml"))
     p.add_argument("--priors", nargs="+", default=[str(REPO / "data" / "priors" / "real_ct_slice.pt")])
+    p.add_argument("--volumes", nargs="+", type=Path,
+                   help="CT volume stores (zarr) to denoise instead of the config's validation subjects, e.g. a "
+                        "prior's training volumes next to held-out ones: the memorisation check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bm3d", action="store_true")
     p.add_argument("--out", default=str(HERE / "out" / "denoise_curve.json"))
     a = p.parse_args()
     torch.set_num_threads(1)
 
-    cfg = yaml.safe_load(Path(a.config).read_text())
-    res = Path(cfg.get("results", "results")) / cfg["study"]
-    subjects = [s["id"] for s in cfg["subjects"] if s.get("role", "eval") == "eval" and s["modality"] == "CT"]
+    if a.volumes:
+        subjects, paths = [str(v) for v in a.volumes], list(a.volumes)
+    else:
+        cfg = yaml.safe_load(Path(a.config).read_text())
+        res = Path(cfg.get("results", "results")) / cfg["study"]
+        subjects = [s["id"] for s in cfg["subjects"] if s.get("role", "eval") == "eval" and s["modality"] == "CT"]
+        paths = [res / sid / "reference.zarr" for sid in subjects]
     norm = default_normalisation("CT")
-    clean = np.concatenate([np.asarray(to_network(Volume.open(res / sid / "reference.zarr").read(), norm, clip=True),
-                                       np.float32) for sid in subjects])          # (N, 64, 64)
+    clean = np.concatenate([np.asarray(to_network(Volume.open(path).read(), norm, clip=True), np.float32)
+                            for path in paths])          # (N, 64, 64)
     rng = np.random.default_rng(a.seed)
     noise = rng.standard_normal(clean.shape).astype(np.float32)
     bm3d = None

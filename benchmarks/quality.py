@@ -285,8 +285,9 @@ def train_priors(needed: set[str], work: Path, steps: int, device: str, vols: di
     cfgs = train_configs(steps, device)
     done: dict[str, dict[str, Any]] = {}
     # Keyed per prior by its own training config: a changed config retrains that prior only, and adding a prior
-    # kind to train_configs leaves the cached ones valid.
-    pdir = work / "priors" / f"n{steps}"
+    # kind to train_configs leaves the cached ones valid. The folder names the budget and the number of training
+    # volumes (the data are not in the config): n3000_t4 is 3000 steps on 4 volumes.
+    pdir = work / "priors" / f"n{steps}_t{len(vols['CT']['train'])}"
     pdir.mkdir(parents=True, exist_ok=True)
     for name in sorted(needed):
         base = name.removesuffix("_1vol")
