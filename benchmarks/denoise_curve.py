@@ -16,12 +16,14 @@ What it measures
 Run: ``python benchmarks/denoise_curve.py --priors data/priors/real_ct_slice.pt [more.pt ...]`` -> table,
 ``benchmarks/out/denoise_curve.json``. ``--volumes a.zarr ...`` denoises those CT volumes instead (run it once on
 a prior's training volumes and once on held-out ones: equal PSNR means the prior generalises, a gap that grows
-with training means it memorises).
+with training means it memorises). ``--slab-priors`` adds DiffusionBlend's 3-slice priors (each slice from the
+triplet centred on it), so a slab prior is compared with a slice prior on the same noisy slices.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -39,6 +41,23 @@ def psnr(x: np.ndarray, ref: np.ndarray, peak: float = 2.0) -> float:
     return float(10 * np.log10(peak**2 / np.mean((x - ref) ** 2)))
 
 
+def slab_denoise(path: str, noisy: np.ndarray, sigma: float) -> np.ndarray:
+    """One volume (Z, H, W) through a slab prior: adjacent triplets (label 0), one estimate per slice."""
+    import torch
+
+    from medrecon.diffusion.slab_data import LABEL_ADJACENT, slab_prior_from_checkpoint
+
+    prior = slab_prior_from_checkpoint(path, "cpu", image_units="native", expect_modality="CT")
+    z = noisy.shape[0]
+    if z < 3:
+        raise SystemExit(f"{path}: a slab prior needs volumes of >= 3 slices")
+    slabs = torch.from_numpy(np.stack([noisy[i:i + 3] for i in range(z - 2)]))
+    labels = torch.full((z - 2,), LABEL_ADJACENT, dtype=torch.long)
+    with torch.no_grad():
+        est = prior.denoiser(slabs, torch.tensor(sigma), {"class_labels": labels}).numpy()
+    return np.concatenate([est[:1, 0], est[:, 1], est[-1:, 2]])
+
+
 def main() -> None:
     import torch
     from skimage.restoration import denoise_tv_chambolle
@@ -53,6 +72,10 @@ def main() -> None:
     p.add_argument("--volumes", nargs="+", type=Path,
                    help="CT volume stores (zarr) to denoise instead of the config's validation subjects, e.g. a "
                         "prior's training volumes next to held-out ones: the memorisation check")
+    p.add_argument("--slab-priors", nargs="*", default=[],
+                   help="3-slice slab priors (DiffusionBlend) to denoise the same noisy volumes with: every adjacent "
+                        "triplet, each slice taking the middle channel of the triplet centred on it (the end slices "
+                        "the end triplets' outer channels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bm3d", action="store_true")
     p.add_argument("--out", default=str(HERE / "out" / "denoise_curve.json"))
@@ -67,8 +90,9 @@ def main() -> None:
         subjects = [s["id"] for s in cfg["subjects"] if s.get("role", "eval") == "eval" and s["modality"] == "CT"]
         paths = [res / sid / "reference.zarr" for sid in subjects]
     norm = default_normalisation("CT")
-    clean = np.concatenate([np.asarray(to_network(Volume.open(path).read(), norm, clip=True), np.float32)
-                            for path in paths])          # (N, 64, 64)
+    volumes = [np.asarray(to_network(Volume.open(path).read(), norm, clip=True), np.float32) for path in paths]
+    clean = np.concatenate(volumes)          # (N, 64, 64)
+    starts = np.cumsum([0] + [v.shape[0] for v in volumes])
     rng = np.random.default_rng(a.seed)
     noise = rng.standard_normal(clean.shape).astype(np.float32)
     bm3d = None
@@ -83,6 +107,9 @@ def main() -> None:
             prior = prior_from_checkpoint(path, "cpu", image_units="native", expect_modality="CT")
             with torch.no_grad():
                 out = prior.denoiser(torch.from_numpy(noisy)[:, None], torch.tensor(sigma), None)[:, 0].numpy()
+            row[Path(path).stem] = float(np.mean([psnr(o, c) for o, c in zip(out, clean, strict=True)]))
+        for path in a.slab_priors:
+            out = np.concatenate([slab_denoise(path, noisy[b:e], sigma) for b, e in itertools.pairwise(starts)])
             row[Path(path).stem] = float(np.mean([psnr(o, c) for o, c in zip(out, clean, strict=True)]))
         tv = {w: float(np.mean([psnr(denoise_tv_chambolle(n, weight=w), c) for n, c in zip(noisy, clean,
                                                                                           strict=True)]))

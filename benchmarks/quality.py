@@ -2,7 +2,8 @@
 
 What it measures
     1. Seeded phantoms (:mod:`medrecon.io.phantoms`): ``--train-volumes`` CT chest volumes for training and
-       ``--eval-volumes`` held-out ones (other seeds = other subjects), 24 x 64 x 64 at 5 mm; MR brain
+       ``--eval-volumes`` held-out ones (other seeds = other subjects; ``--split validation`` takes another set of
+       held-out seeds, to choose sampler settings on without touching the report set), 24 x 64 x 64 at 5 mm; MR brain
        volumes (24 x 64 x 64, 5 x 3.5 x 3.5 mm) for the MR rows.
     2. Every prior the chosen methods need is trained for the SAME number of optimizer steps
        (``--budget-steps``, batch 8, seed 0, EMA over the last tenth of the budget) through the library's own
@@ -60,7 +61,8 @@ REPO = HERE.parent
 SHAPE = (24, 64, 64)
 CT_SPACING = (5.0, 5.0, 5.0)
 MR_SPACING = (5.0, 3.5, 3.5)
-SEEDS = {"CT": {"train": 100, "eval": 200}, "MR": {"train": 300, "eval": 400}}
+# eval: the report set (the tables); validation: other held-out volumes to choose sampler settings on (--split)
+SEEDS = {"CT": {"train": 100, "eval": 200, "validation": 250}, "MR": {"train": 300, "eval": 400, "validation": 450}}
 CT_METHODS = ["fbp", "sirt", "tv", "dds", "dps", "diffusionblend", "diffusionblend++", "padis", "padis3d",
               "resample", "latent_dps", "ddnm", "mcg", "dcdp", "dcdp_latent",
               "pnp_admm", "pnp_red", "diffusionmbir"]
@@ -219,15 +221,17 @@ def setting_name(modality: str, setting: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def make_volumes(work: Path, modality: str, n_train: int, n_eval: int) -> dict[str, list[Path]]:
-    """Training and held-out phantom volumes (cached: a volume that exists is not rewritten)."""
+def make_volumes(work: Path, modality: str, n_train: int, n_eval: int, split: str = "eval"
+                 ) -> dict[str, list[Path]]:
+    """Training and held-out phantom volumes (cached: a volume that exists is not rewritten); ``split`` picks the
+    held-out seeds: ``eval`` (the report set) or ``validation`` (for choosing settings, never reported)."""
     from medrecon.io.phantoms import write_phantom_volume
 
     kind, spacing = ("ct_chest", CT_SPACING) if modality == "CT" else ("mr_brain", MR_SPACING)
     out: dict[str, list[Path]] = {"train": [], "eval": []}
     for role, n in (("train", n_train), ("eval", n_eval)):
         for i in range(n):
-            seed = SEEDS[modality][role] + i
+            seed = SEEDS[modality][split if role == "eval" else role] + i
             path = work / "volumes" / f"{kind}_s{seed}.zarr"
             if not path.exists():
                 write_phantom_volume(kind, path, SHAPE, spacing, seed)
@@ -461,6 +465,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mr-methods", nargs="*", default=MR_METHODS, help="MR methods")
     p.add_argument("--train-volumes", type=int, default=4)
     p.add_argument("--eval-volumes", type=int, default=2)
+    p.add_argument("--split", choices=["report", "validation"], default="report",
+                   help="held-out volumes: the report set (seeds 200/400 on) or the validation set (250/450 on), "
+                        "on which sampler settings are chosen")
     p.add_argument("--small-data", action="store_true", help="also rows dds[1vol], padis[1vol]: priors on 1 volume")
     p.add_argument("--padis-ablation", action="store_true",
                    help="also the PaDIS ablation rows " + ", ".join(PADIS_ABLATION) + " (CT)")
@@ -530,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         ct_rows.update({r: m for r, (m, _) in PADIS_ABLATION.items()})
     mr_rows = {m: row_method(m) for m in args.mr_methods} if args.mr_accel else {}
     modalities = ["CT"] + (["MR"] if mr_rows else [])
-    vols = {mod: make_volumes(work, mod, args.train_volumes, args.eval_volumes) for mod in modalities}
+    split = "eval" if args.split == "report" else "validation"
+    vols = {mod: make_volumes(work, mod, args.train_volumes, args.eval_volumes, split) for mod in modalities}
     needed = {n for r in ct_rows for v in args.views if r in PRIOR_OF["CT"] for n in _names(prior_for("CT", r, v))}
     needed |= {n for r in mr_rows for a in args.mr_accel or [] if r in PRIOR_OF["MR"]
                for n in _names(prior_for("MR", r, a))}
@@ -538,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "settings": {
             "budget_steps": args.budget_steps, "batch_size": 8, "views": args.views, "mr_accel": args.mr_accel,
-            "train_volumes": args.train_volumes, "eval_volumes": args.eval_volumes, "small_data": args.small_data,
+            "train_volumes": args.train_volumes, "eval_volumes": args.eval_volumes, "split": args.split,
+            "small_data": args.small_data,
             "shape": SHAPE, "ct_spacing_mm": CT_SPACING, "mr_spacing_mm": MR_SPACING, "seeds": SEEDS,
             "sampler_params": params, "device": device, "threads": 1, "machine": platform.machine(),
             "torch": torch.__version__, "ct_noise": "Poisson, I0 = 1e5", "mr": "sense2d, 8 coils, 30 dB, 6 ACS",
