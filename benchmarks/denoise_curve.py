@@ -27,6 +27,7 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -41,16 +42,15 @@ def psnr(x: np.ndarray, ref: np.ndarray, peak: float = 2.0) -> float:
     return float(10 * np.log10(peak**2 / np.mean((x - ref) ** 2)))
 
 
-def slab_denoise(path: str, noisy: np.ndarray, sigma: float) -> np.ndarray:
+def slab_denoise(prior: Any, noisy: np.ndarray, sigma: float) -> np.ndarray:
     """One volume (Z, H, W) through a slab prior: adjacent triplets (label 0), one estimate per slice."""
     import torch
 
-    from medrecon.diffusion.slab_data import LABEL_ADJACENT, slab_prior_from_checkpoint
+    from medrecon.diffusion.slab_data import LABEL_ADJACENT
 
-    prior = slab_prior_from_checkpoint(path, "cpu", image_units="native", expect_modality="CT")
     z = noisy.shape[0]
     if z < 3:
-        raise SystemExit(f"{path}: a slab prior needs volumes of >= 3 slices")
+        raise SystemExit(f"{prior.meta['checkpoint']}: a slab prior needs volumes of >= 3 slices")
     slabs = torch.from_numpy(np.stack([noisy[i:i + 3] for i in range(z - 2)]))
     labels = torch.full((z - 2,), LABEL_ADJACENT, dtype=torch.long)
     with torch.no_grad():
@@ -64,6 +64,7 @@ def main() -> None:
 
     from medrecon.diffusion.checkpoint import prior_from_checkpoint
     from medrecon.diffusion.normalisation import default_normalisation, to_network
+    from medrecon.diffusion.slab_data import slab_prior_from_checkpoint
     from medrecon.volume import Volume
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,17 +100,21 @@ def main() -> None:
     if not a.no_bm3d:
         import bm3d
 
+    # loaded once: every noise level and volume reuses them
+    slice_priors = {path: prior_from_checkpoint(path, "cpu", image_units="native", expect_modality="CT")
+                    for path in a.priors}
+    slab_priors = {path: slab_prior_from_checkpoint(path, "cpu", image_units="native", expect_modality="CT")
+                   for path in a.slab_priors}
     rows: dict[str, dict[str, float]] = {}
     for sigma in SIGMAS:
         noisy = clean + sigma * noise
         row = {"noisy": float(np.mean([psnr(n, c) for n, c in zip(noisy, clean, strict=True)]))}
-        for path in a.priors:
-            prior = prior_from_checkpoint(path, "cpu", image_units="native", expect_modality="CT")
+        for path, prior in slice_priors.items():
             with torch.no_grad():
                 out = prior.denoiser(torch.from_numpy(noisy)[:, None], torch.tensor(sigma), None)[:, 0].numpy()
             row[Path(path).stem] = float(np.mean([psnr(o, c) for o, c in zip(out, clean, strict=True)]))
-        for path in a.slab_priors:
-            out = np.concatenate([slab_denoise(path, noisy[b:e], sigma) for b, e in itertools.pairwise(starts)])
+        for path, prior in slab_priors.items():
+            out = np.concatenate([slab_denoise(prior, noisy[b:e], sigma) for b, e in itertools.pairwise(starts)])
             row[Path(path).stem] = float(np.mean([psnr(o, c) for o, c in zip(out, clean, strict=True)]))
         tv = {w: float(np.mean([psnr(denoise_tv_chambolle(n, weight=w), c) for n, c in zip(noisy, clean,
                                                                                           strict=True)]))
